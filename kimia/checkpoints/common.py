@@ -1,0 +1,87 @@
+"""Shared helpers for strict, memory-frugal weight loading.
+
+All loaders in kimia go through `load_state_dict_strict`: it names every missing, unexpected or
+mis-shaped key in one `CheckpointError` instead of failing on the first, and loads with `assign=True` so a
+module built on the meta device takes the (possibly memory-mapped) checkpoint tensors without a copy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from kimia.errors import CheckpointError
+
+_MAX_LISTED = 20
+
+
+def _fmt_keys(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_MAX_LISTED])
+    more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return shown + more
+
+
+def load_safetensors(
+    path: str | os.PathLike, *, keep: callable | None = None, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (tensors are memory-mapped until used). `keep(name)` filters keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        out = {}
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                if keep is None or keep(name):
+                    out[name] = f.get_tensor(name)
+        return out
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+
+
+def load_state_dict_strict(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str = "checkpoint",
+    ignore: Iterable[str] = (),
+    dtype: torch.dtype | None = None,
+    assign: bool = True,
+) -> None:
+    """Load `state_dict` into `module`, requiring an exact key and shape match.
+
+    `ignore` lists substrings; checkpoint keys containing any of them are dropped first (e.g. the
+    release's non-persistent `rotary_emb.inv_freq`). Floating tensors are cast to `dtype` if given.
+    Raises `CheckpointError` naming every missing, unexpected and mis-shaped key.
+    """
+    ignore = tuple(ignore)
+    sd = {k: v for k, v in state_dict.items() if not any(s in k for s in ignore)}
+    expected = module.state_dict(keep_vars=True)
+    missing = expected.keys() - sd.keys()
+    unexpected = sd.keys() - expected.keys()
+    mis_shaped = [
+        f"{k} (checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)})"
+        for k in expected.keys() & sd.keys()
+        if tuple(sd[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mis_shaped:
+        parts = [f"{source} does not match the model"]
+        if missing:
+            parts.append(f"missing keys: {_fmt_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_fmt_keys(unexpected)}")
+        if mis_shaped:
+            parts.append(f"shape mismatches: {_fmt_keys(mis_shaped)}")
+        raise CheckpointError("; ".join(parts))
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    # Buffers/params that live in the model but are not in its state_dict keys are untouched.
+    module.load_state_dict(sd, strict=True, assign=assign)
