@@ -1,0 +1,139 @@
+"""Continuous Whisper encoder: transformers oracle on random weights, official fixtures, CT2 packaged weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from kimia.checkpoints.common import load_safetensors
+from kimia.encoders.whisper import (
+    ContinuousFeatureExtractor,
+    WhisperEncoder,
+    WhisperEncoderConfig,
+    load_whisper_encoder,
+    stack_frames,
+)
+from kimia.errors import AudioError, CheckpointError, ConfigError
+from tests.reference import assert_close, fixture_params, require
+
+
+
+
+def _hf_encoder(n_mels: int, d: int = 32, layers: int = 2, heads: int = 4, ffn: int = 64, pos: int = 50):
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFEncoder
+
+    cfg = WhisperConfig(
+        num_mel_bins=n_mels, d_model=d, encoder_layers=layers, encoder_attention_heads=heads,
+        encoder_ffn_dim=ffn, max_source_positions=pos, decoder_layers=1, vocab_size=64,
+    )
+    torch.manual_seed(123)
+    hf = HFEncoder(cfg).eval()
+    with torch.no_grad():  # non-trivial values everywhere (HF zero-inits biases, LN at identity)
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return hf, cfg
+
+
+def _ours_from_hf(hf, cfg) -> WhisperEncoder:
+    ours = WhisperEncoder(WhisperEncoderConfig.from_hf_config(cfg.to_dict())).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return ours
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_matches_transformers_random_weights(n_mels):
+    hf, cfg = _hf_encoder(n_mels)
+    ours = _ours_from_hf(hf, cfg)
+    mel = torch.randn(2, n_mels, 2 * cfg.max_source_positions)
+    with torch.no_grad():
+        ref = hf(mel).last_hidden_state
+        out = ours(mel)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_presets_and_bad_input():
+    assert WhisperEncoderConfig.from_name("large-v3") == WhisperEncoderConfig(128, 1280, 32, 20, 5120, 1500)
+    with pytest.raises(ConfigError):
+        WhisperEncoderConfig.from_name("huge")
+    with torch.device("meta"):
+        enc = WhisperEncoder(WhisperEncoderConfig.from_name("tiny"))
+    with pytest.raises(ConfigError, match="expects mel"):
+        enc(torch.zeros(1, 128, 2999, device="meta"))
+    ext = ContinuousFeatureExtractor(enc)
+    with pytest.raises(AudioError, match="empty"):
+        ext(torch.zeros(0))
+    with pytest.raises(AudioError, match="NaN"):
+        ext(torch.tensor([0.0, float("nan")]))
+
+
+def test_stack_frames():
+    x = torch.arange(2 * 8 * 3).reshape(2, 8, 3)
+    y = stack_frames(x)
+    assert y.shape == (2, 2, 12)
+    assert torch.equal(y[1, 1], torch.cat([x[1, 4], x[1, 5], x[1, 6], x[1, 7]]))
+
+
+def _fixture_wavs(fx) -> dict[str, torch.Tensor]:
+    out = {}
+    for rel in fx.manifest["inputs"].split(","):
+        p = (fx.path / rel.strip()).resolve()
+        data, sr = sf.read(str(p), dtype="float32")
+        assert sr == 16000
+        out[p.stem] = torch.from_numpy(data)
+    return out
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("fx", fixture_params("whisper_features"))
+def test_encoder_matches_fixture_on_fixture_logmel(fx):
+    """Encoder alone on the reference's own log-mel (independent of the front end)."""
+    fx = require(fx, "whisper_features")
+    exp = fx.tensors()
+    enc = load_whisper_encoder(fx.path / "whisper-large-v3")
+    for name in {k.split(".")[0] for k in exp if k.endswith(".encoder_out_seg0")}:
+        with torch.no_grad():
+            out = enc(exp[f"{name}.logmel_seg0"][None])[0]
+        assert_close(out, exp[f"{name}.encoder_out_seg0"], fx.tol("encoder_out_seg0"), f"{name} encoder_out_seg0")
+
+
+def _hf_folder_copy(src: Path, dst: Path, rename: tuple[str, str] | None = None, drop: str | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    sd = load_safetensors(src / "model.safetensors")
+    if drop:
+        del sd[drop]
+    if rename:
+        sd[rename[1]] = sd.pop(rename[0])
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("fx", fixture_params("whisper_features"))
+def test_broken_checkpoint_names_the_key(fx, tmp_path):
+    fx = require(fx, "whisper_features")
+    src = fx.path / "whisper-large-v3"
+    bad = _hf_folder_copy(src, tmp_path / "missing", drop="encoder.layers.1.fc2.bias")
+    with pytest.raises(CheckpointError, match=r"missing keys: layers\.1\.fc2\.bias"):
+        load_whisper_encoder(bad)
+    bad = _hf_folder_copy(src, tmp_path / "renamed", rename=("encoder.layer_norm.weight", "encoder.layer_norm.gain"))
+    with pytest.raises(CheckpointError, match=r"layer_norm\.gain"):
+        load_whisper_encoder(bad)
+    # the ForConditionalGeneration layout (model.encoder.*) loads too
+    cfg = json.loads((src / "config.json").read_text())
+    sd = {f"model.{k}": v for k, v in load_safetensors(src / "model.safetensors").items()}
+    from safetensors.torch import save_file
+
+    (tmp_path / "cg").mkdir()
+    (tmp_path / "cg" / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, str(tmp_path / "cg" / "model.safetensors"))
+    a, b = load_whisper_encoder(src), load_whisper_encoder(tmp_path / "cg")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
