@@ -15,3 +15,12 @@ __all__ = [
     "load_continuous_extractor",
     "load_whisper_encoder",
 ]
+
+from kimia.encoders.semantic import (  # noqa: E402
+    SemanticEncoder,
+    SemanticTokenizer,
+    SemanticTokenizerConfig,
+    load_semantic_tokenizer,
+)
+
+__all__ += ["SemanticEncoder", "SemanticTokenizer", "SemanticTokenizerConfig", "load_semantic_tokenizer"]
