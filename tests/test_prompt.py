@@ -1,0 +1,259 @@
+"""Prompt builder against every case of the reference prompt fixtures; errors; batching by collate."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from kimia.errors import PromptError
+from kimia.prompt import PromptBatch, PromptBuilder, collate
+from kimia.tokens import SpecialTokens, TextTokenizer
+from tests.reference import assert_close, fixture_params, require
+
+FEAT_DIM = 8
+
+
+class DictTokenizer:
+    """Tokenizer stand-in built from the fixture's stored text ids (text -> ids)."""
+
+    def __init__(self, table: dict[str, list[int]], n_vocab: int):
+        self.table, self.n_vocab, self.special_tokens = table, n_vocab, {}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.table[text])
+
+    def decode(self, ids):  # pragma: no cover - unused by the builder
+        raise NotImplementedError
+
+
+class AudioStubs:
+    """Stand-ins for the two audio encoders (not under test here): a waveform carries its audio name as a
+    constant level; the tokenizer returns the fixture's semantic ids for that name and the extractor a
+    [1, N, D] tensor filled with the name's index, so order and lengths of the features can be checked."""
+
+    def __init__(self, semantic: dict[str, list[int]]):
+        self.names = sorted(semantic)
+        self.semantic = semantic
+        self.calls: list[str] = []
+
+    def wave(self, name: str, n: int = 3200) -> torch.Tensor:
+        return torch.full((n,), 0.1 * (self.names.index(name) + 1))
+
+    def name_of(self, wave: torch.Tensor) -> str:
+        assert wave.dim() == 1 and wave.dtype == torch.float32
+        return self.names[int(round(float(wave.median()) / 0.1)) - 1]
+
+    def tokenize(self, wave: torch.Tensor) -> torch.Tensor:
+        name = self.name_of(wave)
+        self.calls.append(name)
+        return torch.tensor([self.semantic[name]])
+
+    def features(self, wave: torch.Tensor) -> torch.Tensor:
+        name = self.name_of(wave)
+        return torch.full((1, len(self.semantic[name]), FEAT_DIM), float(self.names.index(name)))
+
+
+def _load(fx):
+    data = fx.json("prompt_cases.json")
+    sp = SpecialTokens.from_official_dict(data["special_token_ids"], token_offset=data["kimia_token_offset"],
+                                          audio_delay=data["kimia_text_audiodelaytokens"])
+    assert data["cases"]
+    return data, sp
+
+
+def _tokenizers(fx, data, sp):
+    table = {t: ids for c in data["cases"] for t, ids in c["text_token_ids"].items()}
+    yield "stored-ids", DictTokenizer(table, sp.token_offset)
+    yield "tiny-tiktoken", TextTokenizer.from_files(fx.path / "tiny_tiktoken.model", special_base=sp.bos)
+
+
+def _with_audio(messages, make):
+    out = copy.deepcopy(messages)
+    for m in out:
+        if m["message_type"] == "audio":
+            m.update(make(m["content"]))
+        elif m["message_type"] == "audio-text":
+            name, text = m["content"]
+            upd = make(name)
+            m["content"] = [upd.pop("content", None), text]
+            m.update(upd)
+    return out
+
+
+def _check_case(case, got: PromptBatch, stubs: AudioStubs | None, what: str, tol):
+    for key, attr in (("audio_ids", "audio_ids"), ("text_ids", "text_ids"), ("is_continuous", "continuous_mask"),
+                      ("audio_loss_mask", "audio_loss_mask"), ("text_loss_mask", "text_loss_mask")):
+        actual = getattr(got, attr)
+        if actual.dtype == torch.bool:
+            actual = actual.long()
+        assert_close(actual, torch.tensor(case[key], dtype=torch.long), tol, f"{what}: {key}")
+    assert len(got.spans) == len(case["whisper_feature_lengths"])
+    assert [n for _, n in got.spans] == case["whisper_feature_lengths"]
+    if stubs is not None:
+        assert [f.shape for f in got.features] == [(n, FEAT_DIM) for n in case["whisper_feature_lengths"]]
+        assert [stubs.names[int(f[0, 0])] for f in got.features] == case["whisper_feature_sources"]
+    for start, n in got.spans:
+        assert bool(got.continuous_mask[start:start + n].all())
+    assert int(got.continuous_mask.sum()) == sum(case["whisper_feature_lengths"])
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("fx", fixture_params("prompt"))
+def test_prompt_cases_with_audio_encoders(fx):
+    fx = require(fx, "prompt")
+    data, sp = _load(fx)
+    tol = fx.tol("all_streams")
+    for tname, tok in _tokenizers(fx, data, sp):
+        stubs = AudioStubs(data["audio_semantic_ids"])
+        builder = PromptBuilder(tok, sp, audio_tokenizer=stubs.tokenize, feature_extractor=stubs.features)
+        for case in data["cases"]:
+            msgs = _with_audio(case["messages"], lambda name: {"content": stubs.wave(name)})
+            got = builder.build(msgs, output_type=case["output_type"], add_assistant_start=case["add_assistant_start_msg"])
+            _check_case(case, got, stubs, f"{case['name']} [{tname}]", tol)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("fx", fixture_params("prompt"))
+def test_prompt_cases_with_precomputed_audio_tokens(fx):
+    """`audio_tokens` (already offset, as the finetune data stores them) instead of an audio tokenizer."""
+    fx = require(fx, "prompt")
+    data, sp = _load(fx)
+    tok = next(_tokenizers(fx, data, sp))[1]
+    builder = PromptBuilder(tok, sp)
+    sem = data["audio_semantic_ids"]
+    for case in data["cases"]:
+        msgs = _with_audio(case["messages"], lambda name: {"content": None, "audio_tokens": [i + sp.token_offset for i in sem[name]]})
+        got = builder.build(msgs, output_type=case["output_type"], add_assistant_start=case["add_assistant_start_msg"])
+        _check_case(case, got, None, case["name"], fx.tol("all_streams"))
+        assert got.features == []
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("fx", fixture_params("prompt"))
+def test_prompt_cases_from_files_and_resampled_arrays(fx, tmp_path):
+    fx = require(fx, "prompt")
+    data, sp = _load(fx)
+    tok = next(_tokenizers(fx, data, sp))[1]
+    stubs = AudioStubs(data["audio_semantic_ids"])
+    builder = PromptBuilder(tok, sp, audio_tokenizer=stubs.tokenize, feature_extractor=stubs.features)
+    paths = {}
+    for name in stubs.names:
+        paths[name] = tmp_path / f"{name}.wav"
+        sf.write(str(paths[name]), stubs.wave(name).numpy(), 16000, subtype="FLOAT")
+    for case in data["cases"]:
+        got = builder.build(_with_audio(case["messages"], lambda n: {"content": str(paths[n])}), case["output_type"],
+                            case["add_assistant_start_msg"])
+        _check_case(case, got, stubs, f"{case['name']} [files]", fx.tol("all_streams"))
+        # an 8 kHz numpy waveform given as (array, rate) is resampled to 16 kHz first
+        got8 = builder.build(_with_audio(case["messages"], lambda n: {"content": (stubs.wave(n, 1600).numpy(), 8000)}),
+                             case["output_type"], case["add_assistant_start_msg"])
+        assert torch.equal(got8.audio_ids, got.audio_ids)
+
+
+def _builder():
+    sp = SpecialTokens.release()
+    table = {"hi": [1, 2], "a long transcript": list(range(10, 30))}
+    semantic = {"A": [5, 6, 7]}
+    stubs = AudioStubs(semantic)
+    return PromptBuilder(DictTokenizer(table, sp.token_offset), sp, audio_tokenizer=stubs.tokenize,
+                         feature_extractor=stubs.features), stubs, sp
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "empty message list"),
+    ("hello", "list of message dicts"),
+    ([{"role": "system", "message_type": "text", "content": "hi"}], "no system role"),
+    ([{"role": "bot", "message_type": "text", "content": "hi"}], "unknown role 'bot'"),
+    ([{"role": "user", "message_type": "image", "content": "x.png"}], "unknown message_type 'image'"),
+    ([{"role": "user", "message_type": "text", "content": 42}], "text content must be a str"),
+    ([{"role": "user", "message_type": "audio", "content": None}], "needs content"),
+    ([{"role": "user", "message_type": "audio", "content": {"x": 1}}], "audio content must be"),
+    ([{"role": "assistant", "message_type": "audio-text", "content": "just text"}], "audio-text content"),
+    ([{"role": "user", "message_type": "audio", "content": "/nonexistent/a.wav"}], "audio file not found"),
+    ([{"role": "user", "message_type": "audio", "audio_tokens": [5, 6]}], "semantic id \\+ offset"),
+    (["not a dict"], "must be a dict"),
+])
+def test_prompt_errors(messages, match):
+    builder, _, _ = _builder()
+    with pytest.raises(PromptError, match=match):
+        builder.build(messages)
+
+
+def test_transcript_longer_than_audio_plus_delay_is_rejected():
+    builder, stubs, sp = _builder()
+    ok = [{"role": "assistant", "message_type": "audio-text", "content": [stubs.wave("A"), "hi"]}]
+    assert len(builder.build(ok)) == 1 + sp.audio_delay + 3 + 1 + 1
+    bad = [{"role": "assistant", "message_type": "audio-text", "content": [stubs.wave("A"), "a long transcript"]}]
+    with pytest.raises(PromptError, match="transcript has 20 tokens .* at most 9"):
+        builder.build(bad)
+
+
+def test_other_build_errors():
+    builder, stubs, sp = _builder()
+    msg = {"role": "user", "message_type": "audio", "content": stubs.wave("A")}
+    with pytest.raises(PromptError, match="output_type"):
+        builder.build([msg], output_type="audio")
+    with pytest.raises(PromptError, match="do not match the 3 audio tokens"):
+        builder.build([dict(msg, features=torch.zeros(4, FEAT_DIM))])
+    no_audio = PromptBuilder(builder.tokenizer, sp)
+    with pytest.raises(PromptError, match="audio tokenizer"):
+        no_audio.build([msg])
+    with pytest.raises(PromptError, match="besides audio_tokens"):
+        builder.build([{"role": "user", "message_type": "audio", "audio_tokens": [sp.token_offset + 1]}])
+
+
+def test_assistant_audio_gets_audio_loss_and_features_follow_span_order():
+    builder, stubs, sp = _builder()
+    msgs = [{"role": "user", "message_type": "text", "content": "hi"},
+            {"role": "assistant", "message_type": "audio", "content": stubs.wave("A")}]
+    got = builder.build(msgs, output_type="both", add_assistant_start=False)
+    a = got.audio_ids.tolist()
+    mb = a.index(sp.media_begin)
+    assert a[mb + 4] == sp.media_end and a[mb + 5] == sp.speech_ctd and a[-1] == sp.msg_end
+    assert got.audio_loss_mask.nonzero().flatten().tolist() == [mb + 1, mb + 2, mb + 3, mb + 4]
+    assert not got.text_loss_mask.any()
+    assert got.spans == [(mb + 1, 3)]
+
+
+def test_collate_pads_left_and_right():
+    builder, stubs, sp = _builder()
+    p1 = builder.build([{"role": "user", "message_type": "audio", "content": stubs.wave("A")}])
+    p2 = builder.build([{"role": "user", "message_type": "text", "content": "hi"},
+                        {"role": "user", "message_type": "audio", "content": stubs.wave("A")}])
+    assert len(p2) == len(p1) + 2
+    for side in ("left", "right"):
+        c = collate([p1, p2], pad_id=sp.pad, side=side)
+        L = len(p2)
+        assert c.audio_ids.shape == (2, L) and c.lengths.tolist() == [len(p1), len(p2)]
+        sl = slice(2, L) if side == "left" else slice(0, len(p1))
+        pad = slice(0, 2) if side == "left" else slice(len(p1), L)
+        assert torch.equal(c.audio_ids[0, sl], p1.audio_ids) and torch.equal(c.text_ids[0, sl], p1.text_ids)
+        assert (c.audio_ids[0, pad] == sp.pad).all() and (c.text_ids[0, pad] == sp.pad).all()
+        assert not c.attention_mask[0, pad].any() and c.attention_mask[0, sl].all() and c.attention_mask[1].all()
+        assert c.positions[0, sl].tolist() == list(range(len(p1))) and c.positions[1].tolist() == list(range(L))
+        assert torch.equal(c.continuous_mask[0, sl], p1.continuous_mask) and not c.continuous_mask[0, pad].any()
+        assert torch.equal(c.continuous_mask[1], p2.continuous_mask)
+        for (row, start, n), f in zip(c.spans, c.features):
+            assert c.continuous_mask[row, start:start + n].all() and f.shape[0] == n
+        assert [r for r, _, _ in c.spans] == [0, 1]
+        if side == "left":
+            assert c.spans[0][1] == p1.spans[0][0] + 2
+            assert (c.audio_ids[:, -1] == sp.assistant_msg_start).all()
+    with pytest.raises(PromptError):
+        collate([], pad_id=sp.pad)
+    with pytest.raises(PromptError):
+        collate([p1], pad_id=sp.pad, side="middle")
+
+
+def test_multichannel_array_is_mixed_down():
+    builder, stubs, _ = _builder()
+    w = stubs.wave("A").numpy()
+    stereo = np.stack([w, w])  # [C, S]
+    got = builder.build([{"role": "user", "message_type": "audio", "content": stereo, "sample_rate": 16000}])
+    ref = builder.build([{"role": "user", "message_type": "audio", "content": torch.from_numpy(w)}])
+    assert torch.equal(got.audio_ids, ref.audio_ids)
+    assert torch.equal(got.features[0], ref.features[0])
