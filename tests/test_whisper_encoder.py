@@ -137,3 +137,67 @@ def test_broken_checkpoint_names_the_key(fx, tmp_path):
     a, b = load_whisper_encoder(src), load_whisper_encoder(tmp_path / "cg")
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("fx", fixture_params("whisper_features"))
+def test_features_match_fixture(fx):
+    """Full path: waveform -> 30 s segments -> log-mel -> encoder -> kept frames -> [1, N, 4d]."""
+    fx = require(fx, "whisper_features")
+    exp = fx.tensors()
+    ext = ContinuousFeatureExtractor(load_whisper_encoder(fx.path / "whisper-large-v3"), batch_size=2)
+    wavs = _fixture_wavs(fx)
+    names = sorted({k.split(".")[0] for k in exp if k.endswith(".features")})
+    assert names and set(names) <= set(wavs)
+    for name in names:
+        assert_close(ext.log_mel(wavs[name][:480000]), exp[f"{name}.logmel_seg0"], fx.tol("logmel"), f"{name} logmel")
+    # all files in one call: segments of different files share batches
+    f50 = ext.encode_50hz([wavs[n] for n in names])
+    feats = ext([wavs[n] for n in names])
+    for name, a, b in zip(names, f50, feats):
+        assert_close(a, exp[f"{name}.features_50hz"], fx.tol("features"), f"{name} features_50hz")
+        assert_close(b, exp[f"{name}.features"], fx.tol("features"), f"{name} features")
+        assert_close(ext(wavs[name]), b, fx.tol("features"), f"{name} alone vs batched")
+
+
+@pytest.fixture(scope="module")
+def base_encoder_and_mel():
+    from kimia import audio as kaudio
+
+    enc = load_whisper_encoder("base", dtype=torch.float32)
+    wav = kaudio.load_audio(kaudio.example_path())  # real speech
+    mel = kaudio.log_mel_spectrogram(kaudio.pad_or_trim(wav, kaudio.N_SAMPLES), n_mels=enc.cfg.n_mels)[None]
+    with torch.no_grad():
+        out = enc(mel)
+    return enc, mel, out
+
+
+def test_packaged_base_matches_transformers(base_encoder_and_mel):
+    """Real Whisper base weights (CTranslate2 package) -> our encoder == transformers' WhisperEncoder."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFEncoder
+
+    enc, mel, out = base_encoder_and_mel
+    c = enc.cfg
+    assert (c.n_mels, c.d_model, c.n_layers, c.n_heads, c.ffn_dim) == (80, 512, 6, 8, 2048)
+    hf = HFEncoder(WhisperConfig(num_mel_bins=c.n_mels, d_model=c.d_model, encoder_layers=c.n_layers,
+                                 encoder_attention_heads=c.n_heads, encoder_ffn_dim=c.ffn_dim,
+                                 max_source_positions=c.max_source_positions)).eval()
+    hf.load_state_dict(enc.state_dict(), strict=True)
+    with torch.no_grad():
+        ref = hf(mel).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_packaged_base_matches_ctranslate2_runtime(base_encoder_and_mel):
+    """Independent oracle for the CT2 -> HF key mapping (fused qkv split, norms): CTranslate2's own encoder."""
+    import ctranslate2
+    import numpy as np
+
+    from kimia.checkpoints.ct2 import find_packaged_whisper
+
+    enc, mel, out = base_encoder_and_mel
+    model = ctranslate2.models.Whisper(str(find_packaged_whisper("base")), device="cpu", compute_type="float32")
+    ref = torch.from_numpy(np.array(model.encode(ctranslate2.StorageView.from_array(mel.numpy()), to_cpu=True)))
+    # CT2 fuses ops differently; outputs reach |x| ~ 25, so a 2e-3 band is ~1e-4 relative
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=1e-3)

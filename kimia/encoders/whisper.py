@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SEGMENT_SAMPLES = 480000  # 30 s at 16 kHz
 SAMPLES_PER_TOKEN = 1280  # 160 hop * 2 (conv stride) * 4 (frames per 12.5 Hz token)
 FRAMES_PER_TOKEN = 4
+PACKAGED_NAMES = ("base", "tiny.en")  # Whisper encoders shipped inside PyPI packages (CTranslate2 format)
 
 
 @dataclass
@@ -129,6 +130,10 @@ def tokens_per_segment(n_samples: int) -> int:
 
 
 def _check_waveform(audio: Any, what: str) -> torch.Tensor:
+    if isinstance(audio, (str, os.PathLike, bytes, bytearray)):
+        from kimia.audio import load_audio
+
+        return load_audio(audio)
     if not isinstance(audio, torch.Tensor):
         try:
             audio = torch.as_tensor(audio, dtype=torch.float32)
@@ -188,9 +193,10 @@ class ContinuousFeatureExtractor:
                 outs[seg_owner[k]].append(hidden[j, : seg_keep[k]])
         return [torch.cat(o, dim=0).unsqueeze(0) for o in outs]
 
-    def __call__(self, audio: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        """A waveform -> [1, N, 4d]; a list of waveforms -> a list of those (encoded in shared batches)."""
-        single = isinstance(audio, torch.Tensor)
+    def __call__(self, audio: Any) -> torch.Tensor | list[torch.Tensor]:
+        """A waveform (16 kHz tensor/array) or path -> [1, N, 4d]; a list of them -> a list of those
+        (segments of all files encoded in shared batches)."""
+        single = not isinstance(audio, (list, tuple))
         feats = [stack_frames(f) for f in self.encode_50hz([audio] if single else list(audio))]
         return feats[0] if single else feats
 
@@ -239,28 +245,14 @@ def _hf_encoder_keys(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _config_from_ct2_dims(dims: Any, sd: dict[str, torch.Tensor]) -> WhisperEncoderConfig:
-    """Config from the CT2 reader's `dims` (dict or object), cross-checked against the tensor shapes."""
+def _ct2_encoder(variables: dict[str, torch.Tensor]) -> tuple[WhisperEncoderConfig, dict[str, torch.Tensor]]:
+    """Config + HF-named encoder state dict of CTranslate2 Whisper variables (via kimia.checkpoints.ct2)."""
+    from kimia.checkpoints.ct2 import ct2_whisper_encoder_dims, ct2_whisper_encoder_state_dict
 
-    def get(*names: str) -> Any:
-        for n in names:
-            v = dims.get(n) if isinstance(dims, dict) else getattr(dims, n, None)
-            if v is not None:
-                return int(v)
-        return None
-
-    n_heads = get("n_heads", "num_heads", "n_audio_head", "encoder_attention_heads")
-    if n_heads is None:
-        raise CheckpointError(f"CTranslate2 model: number of attention heads unknown (dims: {dims!r})")
-    n_layers = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
-    return WhisperEncoderConfig(
-        n_mels=int(sd["conv1.weight"].shape[1]),
-        d_model=int(sd["conv1.weight"].shape[0]),
-        n_layers=n_layers,
-        n_heads=n_heads,
-        ffn_dim=int(sd["layers.0.fc1.weight"].shape[0]),
-        max_source_positions=int(sd["embed_positions.weight"].shape[0]),
-    )
+    dims = ct2_whisper_encoder_dims(variables)
+    cfg = WhisperEncoderConfig(n_mels=dims.n_mels, d_model=dims.d_model, n_layers=dims.n_layers,
+                               n_heads=dims.n_heads, ffn_dim=dims.ffn_dim, max_source_positions=dims.n_positions)
+    return cfg, ct2_whisper_encoder_state_dict(variables)
 
 
 def load_whisper_encoder(
@@ -269,10 +261,11 @@ def load_whisper_encoder(
     """Load a Whisper encoder from a HF Whisper folder, a CTranslate2 model.bin (file or folder), or one of
     the packaged names "base" / "tiny.en". Strict: any missing, unexpected or mis-shaped encoder key raises
     `CheckpointError` naming it (decoder keys of a full Whisper checkpoint are ignored)."""
-    if isinstance(path, str) and path in ("base", "tiny.en") and not Path(path).exists():
-        from kimia.checkpoints.ct2 import find_packaged_whisper
+    if isinstance(path, str) and path in PACKAGED_NAMES and not Path(path).exists():
+        from kimia.checkpoints.ct2 import load_packaged_whisper_variables
 
-        path = find_packaged_whisper(path)
+        cfg, sd = _ct2_encoder(load_packaged_whisper_variables(path))
+        return _build(cfg, sd, f"packaged Whisper {path!r}", device, dtype)
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file() and not (p / "model.bin").is_file():
         try:
@@ -281,10 +274,10 @@ def load_whisper_encoder(
             raise CheckpointError(f"{p / 'config.json'}: invalid JSON: {e}") from None
         return _build(cfg, _hf_encoder_keys(p), f"Whisper checkpoint {p}", device, dtype)
     if p.name == "model.bin" and p.is_file() or (p / "model.bin").is_file():
-        from kimia.checkpoints.ct2 import ct2_whisper_encoder_state_dict, read_ct2_model
+        from kimia.checkpoints.ct2 import read_ct2_variables
 
-        sd, dims = ct2_whisper_encoder_state_dict(read_ct2_model(p))
-        return _build(_config_from_ct2_dims(dims, sd), sd, f"CTranslate2 Whisper model {p}", device, dtype)
+        cfg, sd = _ct2_encoder(read_ct2_variables(p))
+        return _build(cfg, sd, f"CTranslate2 Whisper model {p}", device, dtype)
     raise CheckpointError(
         f"{p}: not a Whisper checkpoint (expected a folder with config.json + model.safetensors, "
         "a CTranslate2 model.bin, or one of the names 'base', 'tiny.en')"
