@@ -307,3 +307,23 @@ def test_loader_names_bad_keys(tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "config.json").write_text(json.dumps(model.config.to_dict()))
         load_official_lm(tmp_path / "empty")
+
+
+def test_native_roundtrip_and_conversion(tmp_path):
+    from kimia.checkpoints.native import convert_official_lm, load_native_lm, save_native_lm
+
+    model = _model(seed=4)
+    ids = _ids((1, 5), model.config)
+    pos = torch.arange(5)[None]
+    save_native_lm(model, tmp_path / "native")
+    loaded, cfg = load_native_lm(tmp_path / "native")
+    assert cfg == AudioLMConfig.from_dict(model.config.to_dict(), torch_dtype="float32")
+    with torch.no_grad():
+        a, b = model(ids, ids, pos), loaded(ids, ids, pos)
+    assert torch.equal(a.text_logits, b.text_logits) and torch.equal(a.audio_logits, b.audio_logits)
+    # sharded release folder -> native bf16 folder; config records the stored dtype
+    _write_release(tmp_path / "release", model, sharded=True)
+    convert_official_lm(tmp_path / "release", tmp_path / "bf16", dtype=torch.bfloat16)
+    m16, cfg16 = load_native_lm(tmp_path / "bf16")
+    assert cfg16.torch_dtype == "bfloat16" and m16.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(m16.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
