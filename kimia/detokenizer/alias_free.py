@@ -59,12 +59,12 @@ def kaiser_sinc_lowpass(cutoff: float, half_width: float, kernel_size: int) -> t
 
 
 def _depthwise(x: torch.Tensor, taps: torch.Tensor, *, stride: int, transposed: bool) -> torch.Tensor:
-    """Apply the same 1-tap-channel FIR to every channel: fold channels into the batch axis."""
-    b, c, t = x.shape
-    flat = x.reshape(b * c, 1, t)
-    taps = taps.to(dtype=x.dtype)
-    y = F.conv_transpose1d(flat, taps, stride=stride) if transposed else F.conv1d(flat, taps, stride=stride)
-    return y.reshape(b, c, y.shape[-1])
+    """Apply the same FIR to every channel as a grouped (depthwise) conv; [B, C, T] in and out."""
+    c = x.shape[1]
+    weight = taps.to(dtype=x.dtype).expand(c, 1, taps.shape[-1])
+    if transposed:
+        return F.conv_transpose1d(x, weight, stride=stride, groups=c)
+    return F.conv1d(x, weight, stride=stride, groups=c)
 
 
 class Upsample1d(nn.Module):
