@@ -136,12 +136,17 @@ def _weights(logp: torch.Tensor, temperature: float, top_k: int) -> tuple[torch.
     return w, None
 
 
-def _groups(temps: list, ks: list) -> dict[tuple[float, int], list[int]]:
+def _groups(temps: list, ks: list, device: torch.device) -> list[tuple[float, int, torch.Tensor | slice]]:
+    """Rows sharing (T, k) as (T, k, row selector); greedy rows have T = 0. One group -> slice(None),
+    so the common case (all rows alike) indexes nothing and copies nothing to the device."""
     groups: dict[tuple[float, int], list[int]] = {}
     for b, (t, k) in enumerate(zip(temps, ks)):
         key = (0.0, 0) if t <= GREEDY_EPS else (float(t), int(k))
         groups.setdefault(key, []).append(b)
-    return groups
+    if len(groups) == 1:
+        (t, k), = groups
+        return [(t, k, slice(None))]
+    return [(t, k, torch.tensor(rows, device=device)) for (t, k), rows in groups.items()]
 
 
 def sampling_distribution(logits: torch.Tensor, temperature: float | Sequence[float] | torch.Tensor,
@@ -154,10 +159,10 @@ def sampling_distribution(logits: torch.Tensor, temperature: float | Sequence[fl
     B, V = rows.shape
     logp = torch.log_softmax(rows.float(), dim=-1)
     probs = torch.zeros(B, V, dtype=torch.float32, device=rows.device)
-    for (t, k), idx_rows in _groups(_per_row(temperature, B, "temperature"), _per_row(top_k, B, "top_k")).items():
-        sel = torch.tensor(idx_rows, device=rows.device)
+    for t, k, sel in _groups(_per_row(temperature, B, "temperature"), _per_row(top_k, B, "top_k"), rows.device):
         if t == 0.0:
-            probs[sel, logp[sel].argmax(dim=-1)] = 1.0
+            g = logp[sel]
+            probs[sel] = torch.zeros_like(g).scatter_(1, g.argmax(dim=-1, keepdim=True), 1.0)
             continue
         w, idx = _weights(logp[sel], t, k)
         w = w / w.sum(dim=-1, keepdim=True)
@@ -179,8 +184,7 @@ def sample(logits: torch.Tensor, temperature: float | Sequence[float] | torch.Te
     B = rows.shape[0]
     logp = torch.log_softmax(rows.float(), dim=-1)
     out = torch.empty(B, dtype=torch.long, device=rows.device)
-    for (t, k), idx_rows in _groups(_per_row(temperature, B, "temperature"), _per_row(top_k, B, "top_k")).items():
-        sel = torch.tensor(idx_rows, device=rows.device)
+    for t, k, sel in _groups(_per_row(temperature, B, "temperature"), _per_row(top_k, B, "top_k"), rows.device):
         if t == 0.0:
             out[sel] = logp[sel].argmax(dim=-1)
             continue

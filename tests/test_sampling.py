@@ -126,6 +126,8 @@ def test_same_seed_same_sample_and_greedy_ignores_seed():
     greedy = {tuple(sample(logits, 0.0, 10, torch.Generator().manual_seed(s)).tolist()) for s in range(4)}
     assert greedy == {tuple(logits.argmax(-1).tolist())}
     assert torch.equal(sample(logits, 1e-7, 3, None), logits.argmax(-1))
+    one_hot = sampling_distribution(logits, 0.0, 5)
+    assert torch.equal(one_hot, torch.nn.functional.one_hot(logits.argmax(-1), 97).float())
 
 
 def test_sampling_frequencies_follow_distribution():
