@@ -257,3 +257,26 @@ def test_multichannel_array_is_mixed_down():
     ref = builder.build([{"role": "user", "message_type": "audio", "content": torch.from_numpy(w)}])
     assert torch.equal(got.audio_ids, ref.audio_ids)
     assert torch.equal(got.features[0], ref.features[0])
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("fx", fixture_params("llm"))
+def test_llm_fixture_prompts_on_shrunk_vocabulary(fx):
+    """The same builder on the tiny LLM's shrunk vocabulary (specials at 285.., audio at 706..), ids from the
+    model folder's config and the fixture's rank file, reproduces the prompts the reference fed that model."""
+    fx = require(fx, "llm")
+    cases = fx.json("cases.json")
+    sp = SpecialTokens.from_config(fx.path)
+    tok = TextTokenizer.from_files(fx.path / "tiny_tiktoken.model", special_base=sp.bos)
+    expected = fx.tensors("expected.safetensors")
+    stubs = AudioStubs({"A": cases["audio_semantic_ids_A"]})
+    builder = PromptBuilder(tok, sp, audio_tokenizer=stubs.tokenize)
+    assert cases["prompts"]
+    for name, p in cases["prompts"].items():
+        msgs = _with_audio(p["messages"], lambda n: {"content": stubs.wave(n)})
+        got = builder.build(msgs, output_type=p["output_type"])
+        assert len(got) == p["prompt_length"]
+        tol = fx.tol("streams")
+        assert_close(got.audio_ids[None], expected[f"{name}.audio_input_ids"], tol, f"{name} audio stream")
+        assert_close(got.text_ids[None], expected[f"{name}.text_input_ids"], tol, f"{name} text stream")
+        assert_close(got.continuous_mask[None].to(torch.uint8), expected[f"{name}.is_continuous_mask"], tol, f"{name} mask")
