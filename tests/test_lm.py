@@ -327,3 +327,20 @@ def test_native_roundtrip_and_conversion(tmp_path):
     m16, cfg16 = load_native_lm(tmp_path / "bf16")
     assert cfg16.torch_dtype == "bfloat16" and m16.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(m16.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+
+
+def test_meta_build_needs_buffers_and_text_skip_rule():
+    cfg = AudioLMConfig.from_name("tiny", **SMALL)
+    meta = AudioLM(cfg, device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    model = _model()
+    model.model.rotary.cos = torch.empty(cfg.max_position_embeddings, cfg.head_dim, device="meta")
+    ids = _ids((1, 4), cfg)
+    with pytest.raises(ConfigError, match="init_buffers"):
+        model(ids, ids, torch.arange(4)[None])
+    model.init_buffers()
+    # a row whose text ids are all 0 gets no text embedding (the reference skips an all-zero text stream)
+    with torch.no_grad():
+        zero = model(ids, torch.zeros_like(ids), torch.arange(4)[None])
+        none = model(ids, None, torch.arange(4)[None])
+    assert torch.equal(zero.text_logits, none.text_logits)

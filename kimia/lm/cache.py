@@ -143,7 +143,7 @@ class KVCache:
         if kv_len is not None and not 0 < kv_len <= self.max_len:
             raise BudgetError(f"kv_len {kv_len} must lie in [1, max_len={self.max_len}]")
         limit = self.max_len if kv_len is None else kv_len
-        hi, lo = int(positions.max()), int(positions.min())
+        hi, lo = torch.stack([positions.max(), positions.min()]).tolist()  # one host sync
         if hi >= limit or lo < 0:
             raise BudgetError(
                 f"positions span [{lo}, {hi}] but the KV cache holds slots [0, {limit}) "

@@ -85,15 +85,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, groups: int) -> torch.Tensor:
-    """q [B, H, L, D], k/v [B, Hkv, S, D]; boolean `mask` [B, 1, L, S] (True = attend) or causal when None."""
-    if groups > 1:
-        # Query head h reads kv head h // groups. repeat_interleave keeps this valid on every torch version
-        # and backend; the copy is of the (small, GQA) kv tensor only.
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    """q [B, H, L, D], k/v [B, Hkv, S, D]; boolean `mask` [B, 1, L, S] (True = attend) or causal when None.
+
+    Query head h reads kv head h // groups. With a mask (the cached path) the `groups` query heads that share
+    a kv head are folded into the query axis, [B, Hkv, groups*L, D], so the cache is read as is instead of
+    being repeated per query head (a large copy per layer and step for a long cache).
+    """
     if mask is None:
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    b, h, n, d = q.shape
+    hk, s = k.shape[1], k.shape[2]
+    qf = q.reshape(b, hk, groups * n, d)
+    mf = mask[:, :, None].expand(b, 1, groups, n, s).reshape(b, 1, groups * n, s)
+    return F.scaled_dot_product_attention(qf, k, v, attn_mask=mf).view(b, h, n, d)
 
 
 class Attention(nn.Module):
