@@ -1,0 +1,189 @@
+"""Streaming detokenizer: fixture parity of the streamed mels and waveform, and the properties of the
+chunk algorithm (look-ahead, prefix cache, cross-fade, batching, voice prompt, position reset)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from kimia.detokenizer.loader import load_detokenizer
+from kimia.detokenizer.stream import StreamConfig, StreamingDetokenizer
+from kimia.errors import ConfigError
+from tests.reference import assert_close, fixture_params, require
+
+KIND = "detokenizer"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@functools.lru_cache(maxsize=4)
+def _modules(path):
+    det = load_detokenizer(path)
+    return det.dit, det.vocoder
+
+
+def _stream(fx, noise=None, **cfg) -> StreamingDetokenizer:
+    dit, voc = _modules(fx.path)
+    return StreamingDetokenizer(dit, voc, StreamConfig(**cfg), noise_provider=noise)
+
+
+def _seeded_noise(seed: int):
+    """Noise of call i drawn from its own seeded generator (so runs with different chunking are comparable)."""
+
+    def provider(i, shape):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+
+    return provider
+
+
+# short schedule for property tests: 3 calls, few frames, few steps (the tiny vocoder dominates run time)
+FAST = dict(first_chunk_size=8, chunk_size=8, look_ahead_tokens=3, ode_steps=6)
+
+
+def _tokens(n, seed=0, batch=None, vocab=1024):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,) if batch is None else (batch, n), generator=g)
+
+
+# ----------------------------------------------------------------------------------------- parity
+@pytest.mark.reference
+@pytest.mark.parametrize("fx", fixture_params(KIND))
+def test_stream_matches_reference(fx):
+    fx = require(fx, KIND)
+    exp, info = fx.tensors(), fx.json("detok_info.json")
+    keys = ("look_ahead_tokens", "max_kv_cache_tokens", "upsample_factor", "ode_steps", "ode_solver", "frame_size",
+            "first_chunk_size", "chunk_size")
+    det = _stream(fx, noise=lambda i, shape: exp[f"stream{i}.noise"], **{k: info[k] for k in keys})
+    tokens, calls = exp["semantic_tokens"], info["stream_calls"]
+    before = det.stats.__dict__.copy()
+    pieces, start = [], 0
+    for i, call in enumerate(calls):
+        size = info["first_chunk_size"] if i == 0 else info["chunk_size"]
+        wav = det.push(tokens[:, start : start + size], is_final=call["is_final"])
+        start += size
+        assert_close(det.last_mel[0], exp[f"stream{i}.mel"], fx.tol("stream_mel"), f"stream call {i} mel")
+        assert wav.shape[-1] == call["wav_samples_out"], f"call {i}"
+        pieces.append(wav)
+    assert start >= tokens.shape[1]
+    assert_close(torch.cat(pieces, dim=1), exp["stream_full_wav"], fx.tol("stream_full_wav"), "stream_full_wav")
+
+    # every mechanism of the chunk algorithm ran during the fixture run
+    d = {k: v - before[k] for k, v in det.stats.__dict__.items()}
+    non_final = sum(not c["is_final"] for c in calls)
+    la = info["look_ahead_tokens"] * info["upsample_factor"]
+    assert non_final >= 2, "fixture too short to exercise the cross-fade"
+    assert d["look_ahead_frames"] == non_final * la
+    assert d["prefix_calls"] == non_final
+    assert d["cached_attention_chunks"] == len(calls) - 1
+    assert d["crossfades"] == non_final - 1
+
+    # the offline driver (KimiAudio.detokenize_audio chunking) gives the same waveform
+    det2 = _stream(fx, noise=lambda i, shape: exp[f"stream{i}.noise"], **{k: info[k] for k in keys})
+    assert_close(det2.detokenize(tokens), exp["stream_full_wav"], fx.tol("stream_full_wav"), "detokenize")
+
+
+# ----------------------------------------------------------------------------------------- properties
+@pytest.mark.parametrize("fx", fixture_params(KIND))
+def test_disabling_each_mechanism_changes_output(fx):
+    fx = require(fx, KIND)
+    tokens = _tokens(22)
+    base = _stream(fx, _seeded_noise(10), **FAST)
+    ref = base.detokenize(tokens)
+    assert base.stats.crossfades == 1 and base.stats.prefix_calls == 2 and base.stats.look_ahead_frames == 24
+    assert ref.shape[-1] == 22 * 4 * 480
+    for change in (dict(look_ahead_tokens=0), dict(prefix_cache=False), dict(crossfade=False), dict(ode_steps=3)):
+        det = _stream(fx, _seeded_noise(10), **{**FAST, **change})
+        out = det.detokenize(tokens)
+        assert out.shape == ref.shape, change
+        assert (out - ref).abs().max() > 1e-4, f"{change} did not change the output"
+    assert det.stats.dit_calls == 3 * 2 + 2  # 3 chunks of 2 Euler steps + 2 cache fills
+
+
+@pytest.mark.parametrize("fx", fixture_params(KIND))
+def test_one_chunk_equals_offline(fx):
+    fx = require(fx, KIND)
+    tokens = _tokens(12, seed=3)
+    det = _stream(fx, _seeded_noise(20), **{**FAST, "first_chunk_size": 12})
+    streamed = det.detokenize(tokens)
+    assert det.stats.chunks == 1
+    offline = det.offline(tokens, noise=_seeded_noise(20)(0, (1, 48, 80)))
+    torch.testing.assert_close(streamed, offline, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fx", fixture_params(KIND))
+def test_batched_streams_equal_single_runs(fx):
+    fx = require(fx, KIND)
+    tokens = _tokens(20, seed=4, batch=2)
+
+    def batched(i, shape):
+        return torch.cat([_seeded_noise(100 * (b + 1))(i, (1, *shape[1:])) for b in range(shape[0])])
+
+    out = _stream(fx, batched, **FAST).detokenize(tokens)
+    assert out.shape == (2, 20 * 1920)
+    for b in range(2):
+        single = _stream(fx, _seeded_noise(100 * (b + 1)), **FAST).detokenize(tokens[b])
+        torch.testing.assert_close(out[b], single, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fx", fixture_params(KIND))
+def test_voice_prompt_changes_output_and_reset_clears_it(fx):
+    fx = require(fx, KIND)
+    tokens = _tokens(10, seed=5)
+    det = _stream(fx, _seeded_noise(30), **{**FAST, "prompt_chunk_frames": 16})
+    plain = det.detokenize(tokens)
+    g = torch.Generator().manual_seed(6)
+    prompt_mel, prompt_tokens = torch.randn(36, 80, generator=g), _tokens(9, seed=7)  # 36 frames = 9 tokens
+    calls = det.stats.prefix_calls
+    det.prefill_voice(prompt_mel, prompt_tokens)
+    assert det.position == 36 and det.stats.prefix_calls - calls == 3  # remainder of 4 frames + 2 chunks of 16
+    voiced = det.detokenize(tokens)
+    assert (voiced - plain).abs().max() > 1e-4
+    torch.testing.assert_close(det.detokenize(tokens), voiced)  # the voice persists across utterances
+    det.reset()
+    torch.testing.assert_close(det.detokenize(tokens), plain)
+
+
+@pytest.mark.parametrize("fx", fixture_params(KIND))
+def test_cache_trim_and_position_reset(fx):
+    fx = require(fx, KIND)
+    tokens = _tokens(40, seed=8)
+    det = _stream(fx, _seeded_noise(40), **{**FAST, "max_kv_cache_tokens": 40, "max_positions": 100})
+    out = det.detokenize(tokens)
+    assert out.shape[-1] == 40 * 1920
+    assert det.stats.cache_trims >= 1 and det.stats.position_resets >= 1
+    assert torch.isfinite(out).all()
+    # a trimmed cache and a restarted position change what the later chunks attend to
+    full = _stream(fx, _seeded_noise(40), **FAST).detokenize(tokens)
+    assert (full - out).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("fx", fixture_params(KIND))
+def test_generator_determinism_and_bad_input(fx):
+    fx = require(fx, KIND)
+    dit, voc = _modules(fx.path)
+    tokens = _tokens(6, seed=9)
+    a = StreamingDetokenizer(dit, voc, StreamConfig(**FAST), generator=torch.Generator().manual_seed(1)).detokenize(tokens)
+    b = StreamingDetokenizer(dit, voc, StreamConfig(**FAST), generator=torch.Generator().manual_seed(1)).detokenize(tokens)
+    torch.testing.assert_close(a, b)
+    det = _stream(fx, _seeded_noise(0), **FAST)
+    with pytest.raises(ConfigError, match="semantic ids"):
+        det.push(torch.tensor([0, 5000]))
+    with pytest.raises(ConfigError, match="integer ids"):
+        det.push(torch.zeros(3))
+    det.push(_tokens(8, batch=2))
+    with pytest.raises(ConfigError, match="batch"):
+        det.push(_tokens(8, batch=3))
+    with pytest.raises(ConfigError, match="ode_solver"):
+        StreamConfig(ode_solver="heun")
+    # a non-final chunk shorter than the look-ahead is buffered, then flushed by the final push
+    det.reset()
+    assert det.push(_tokens(2), is_final=False).shape == (0,)
+    assert det.push(_tokens(2), is_final=True).shape == (4 * 4 * 480,)
