@@ -216,3 +216,70 @@ def test_mapped_encoder_transcribes_example(packaged):
     text = "".join(vocab.get(i, "") for i in out).replace("\u0120", " ").lower()
     words = re.sub(r"[^a-z0-9 ]", " ", text).split()
     assert ("seven" in words or "7" in words) and ("five" in words or "5" in words), f"{name} heard {text!r}"
+
+
+# ------------------------------------------------------------------------ every dtype, old formats
+def _ct2_string(s: str) -> bytes:
+    raw = s.encode() + b"\x00"  # CTranslate2 strings: uint16 length counting the NUL terminator
+    return struct.pack("<H", len(raw)) + raw
+
+
+def _write_ct2(path, tensors: dict[str, torch.Tensor], aliases: dict[str, str], version: int = 6) -> None:
+    """Writer following the format as documented in LOCAL_ASSETS.md Q2 (test-only oracle)."""
+    ids = {torch.float32: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.float16: 4, torch.bfloat16: 5}
+    out = struct.pack("<I", version)
+    if version >= 2:
+        out += _ct2_string("TestSpec") + struct.pack("<I", 7)
+    out += struct.pack("<I", len(tensors))
+    for name, t in tensors.items():
+        data = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+        out += _ct2_string(name) + struct.pack("<B", t.dim()) + struct.pack(f"<{t.dim()}I", *t.shape)
+        if version >= 4:
+            out += struct.pack("<BI", ids[t.dtype], len(data))
+        else:
+            out += struct.pack("<BI", t.element_size(), t.numel())
+        out += data
+    if version >= 3:
+        out += struct.pack("<I", len(aliases))
+        for a, target in aliases.items():
+            out += _ct2_string(a) + _ct2_string(target)
+    path.write_bytes(out)
+
+
+def test_reader_handles_every_dtype(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=g)
+    tensors = {"a/f32": x, "a/f16": x.half(), "a/bf16": x.bfloat16(), "b/i8": torch.arange(-6, 6, dtype=torch.int8),
+               "b/i16": torch.tensor([-300, 7], dtype=torch.int16), "b/i32": torch.tensor(123456, dtype=torch.int32),
+               "c/empty": torch.zeros(0, 4)}
+    _write_ct2(tmp_path / "model.bin", tensors, {"alias/x": "a/f32"})
+    f = read_ct2(tmp_path)  # a folder resolves to folder/model.bin
+    assert (f.version, f.spec, f.revision) == (6, "TestSpec", 7)
+    for k, t in tensors.items():
+        assert f.variables[k].dtype == t.dtype and torch.equal(f.variables[k], t), k
+    assert f.variables["alias/x"] is f.variables["a/f32"]
+    # format 3 stores item sizes instead of dtype ids (4 -> float32, 2 -> int16, 1 -> int8)
+    old = {"f": x, "i": torch.tensor([1, -2], dtype=torch.int16), "q": torch.tensor([3], dtype=torch.int8)}
+    _write_ct2(tmp_path / "old.bin", old, {}, version=3)
+    got = read_ct2_variables(tmp_path / "old.bin")
+    assert all(torch.equal(got[k], t) and got[k].dtype == t.dtype for k, t in old.items())
+    _write_ct2(tmp_path / "bad_alias.bin", {"f": x}, {"g": "missing"})
+    with pytest.raises(CheckpointError, match="alias 'g' points to unknown variable 'missing'"):
+        read_ct2(tmp_path / "bad_alias.bin")
+
+
+def test_int8_encoder_weights_are_dequantized():
+    """CTranslate2 int8 keeps q = round(w * scale) with scale = 127 / max|row|; the mapping divides back."""
+    v = load_packaged_whisper_variables("tiny.en")
+    q = dict(v)
+    name = "encoder/layer_0/ffn/linear_0"
+    w = v[f"{name}/weight"].float()
+    scale = 127.0 / w.abs().amax(dim=1)
+    q[f"{name}/weight"] = torch.round(w * scale[:, None]).to(torch.int8)
+    q[f"{name}/weight_scale"] = scale
+    got = ct2_whisper_encoder_state_dict(q)["layers.0.fc1.weight"]
+    assert got.dtype == torch.float32
+    assert torch.all((got - w).abs() <= 0.5 / scale[:, None] + 1e-6)
+    q.pop(f"{name}/weight_scale")
+    with pytest.raises(CheckpointError, match="no weight_scale"):
+        ct2_whisper_encoder_state_dict(q)
