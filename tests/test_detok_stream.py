@@ -54,40 +54,42 @@ def _tokens(n, seed=0, batch=None, vocab=1024):
 
 
 # ----------------------------------------------------------------------------------------- parity
+class _Recording(StreamingDetokenizer):
+    """Observes each push (mel of the chunk and emitted samples) without changing it."""
+
+    def push(self, tokens, is_final=False):
+        wav = super().push(tokens, is_final)
+        self.record.append((self.last_mel.clone(), wav.shape[-1], is_final))
+        return wav
+
+
 @pytest.mark.reference
 @pytest.mark.parametrize("fx", fixture_params(KIND))
 def test_stream_matches_reference(fx):
+    """`detokenize` (KimiAudio.detokenize_audio chunking) call by call against the captured reference run."""
     fx = require(fx, KIND)
     exp, info = fx.tensors(), fx.json("detok_info.json")
     keys = ("look_ahead_tokens", "max_kv_cache_tokens", "upsample_factor", "ode_steps", "ode_solver", "frame_size",
             "first_chunk_size", "chunk_size")
-    det = _stream(fx, noise=lambda i, shape: exp[f"stream{i}.noise"], **{k: info[k] for k in keys})
-    tokens, calls = exp["semantic_tokens"], info["stream_calls"]
-    before = det.stats.__dict__.copy()
-    pieces, start = [], 0
-    for i, call in enumerate(calls):
-        size = info["first_chunk_size"] if i == 0 else info["chunk_size"]
-        wav = det.push(tokens[:, start : start + size], is_final=call["is_final"])
-        start += size
-        assert_close(det.last_mel[0], exp[f"stream{i}.mel"], fx.tol("stream_mel"), f"stream call {i} mel")
-        assert wav.shape[-1] == call["wav_samples_out"], f"call {i}"
-        pieces.append(wav)
-    assert start >= tokens.shape[1]
-    assert_close(torch.cat(pieces, dim=1), exp["stream_full_wav"], fx.tol("stream_full_wav"), "stream_full_wav")
+    dit, voc = _modules(fx.path)
+    det = _Recording(dit, voc, StreamConfig(**{k: info[k] for k in keys}), noise_provider=lambda i, shape: exp[f"stream{i}.noise"])
+    det.record = []
+    wav = det.detokenize(exp["semantic_tokens"])
+    calls = info["stream_calls"]
+    assert len(det.record) == len(calls)
+    for i, ((mel, samples, final), call) in enumerate(zip(det.record, calls)):
+        assert_close(mel[0], exp[f"stream{i}.mel"], fx.tol("stream_mel"), f"stream call {i} mel")
+        assert (samples, final) == (call["wav_samples_out"], call["is_final"]), f"call {i}"
+    assert_close(wav, exp["stream_full_wav"], fx.tol("stream_full_wav"), "stream_full_wav")
 
     # every mechanism of the chunk algorithm ran during the fixture run
-    d = {k: v - before[k] for k, v in det.stats.__dict__.items()}
     non_final = sum(not c["is_final"] for c in calls)
     la = info["look_ahead_tokens"] * info["upsample_factor"]
     assert non_final >= 2, "fixture too short to exercise the cross-fade"
-    assert d["look_ahead_frames"] == non_final * la
-    assert d["prefix_calls"] == non_final
-    assert d["cached_attention_chunks"] == len(calls) - 1
-    assert d["crossfades"] == non_final - 1
-
-    # the offline driver (KimiAudio.detokenize_audio chunking) gives the same waveform
-    det2 = _stream(fx, noise=lambda i, shape: exp[f"stream{i}.noise"], **{k: info[k] for k in keys})
-    assert_close(det2.detokenize(tokens), exp["stream_full_wav"], fx.tol("stream_full_wav"), "detokenize")
+    assert det.stats.look_ahead_frames == non_final * la
+    assert det.stats.prefix_calls == non_final
+    assert det.stats.cached_attention_chunks == len(calls) - 1
+    assert det.stats.crossfades == non_final - 1
 
 
 # ----------------------------------------------------------------------------------------- properties
@@ -187,3 +189,16 @@ def test_generator_determinism_and_bad_input(fx):
     det.reset()
     assert det.push(_tokens(2), is_final=False).shape == (0,)
     assert det.push(_tokens(2), is_final=True).shape == (4 * 4 * 480,)
+
+
+@pytest.mark.parametrize("fx", fixture_params(KIND))
+def test_converted_model_folder_streams_identically(fx, tmp_path):
+    from kimia.detokenizer.loader import convert_official_detokenizer
+
+    fx = require(fx, KIND)
+    convert_official_detokenizer(fx.path, tmp_path / "native")
+    assert (tmp_path / "native" / "audio_detokenizer" / "model.safetensors").is_file()
+    tokens = _tokens(10, seed=11)
+    native = load_detokenizer(tmp_path / "native", config=StreamConfig(**FAST), noise_provider=_seeded_noise(50))
+    official = _stream(fx, _seeded_noise(50), **FAST)
+    torch.testing.assert_close(native.detokenize(tokens), official.detokenize(tokens), atol=1e-6, rtol=1e-5)

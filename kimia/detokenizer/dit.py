@@ -293,6 +293,11 @@ class DiT(nn.Module):
         p = self.input_linear.weight
         return DiTKVCache(self.cfg, batch, capacity, device=device or p.device, dtype=dtype or p.dtype)
 
+    def check_positions(self, last: int) -> None:
+        """Raise BudgetError if absolute position `last` is beyond the model's RoPE table."""
+        if last >= self.cfg.max_positions:
+            raise BudgetError(f"DiT position {last} exceeds the model's {self.cfg.max_positions} positions")
+
     def condition_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] (0..vocab) -> token part of the condition [B, T, D] (constant over ODE steps)."""
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) > self.cfg.semantic_vocab_size):
@@ -318,8 +323,10 @@ class DiT(nn.Module):
         (this chunk's K/V are written after its committed frames, not committed). token_emb: optional
         precomputed `condition_tokens(tokens)`. Returns [B, T, 80].
         """
-        if positions.numel() and int(positions.max()) >= self.cfg.max_positions:
-            raise BudgetError(f"DiT position {int(positions.max())} exceeds the model's {self.cfg.max_positions} positions")
+        # checked here only for CPU tensors (free); on accelerators the caller checks with Python ints
+        # (`check_positions`) so the per-step hot path has no host sync
+        if positions.device.type == "cpu" and positions.numel():
+            self.check_positions(int(positions.max()))
         if cache is not None:
             cache.ensure(x.shape[1])
         emb = token_emb if token_emb is not None else self.condition_tokens(tokens)

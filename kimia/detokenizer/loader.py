@@ -123,12 +123,22 @@ def save_dit(model: DiT, folder: str | os.PathLike) -> Path:
 
 
 def convert_official_detokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """One-time conversion of a release `audio_detokenizer/` folder to the native format in `dst`.
+    """One-time conversion of release weights to the native format in `dst`.
 
-    Tensors are copied one at a time from the memory-mapped pickle, so peak RAM is about the DiT size.
+    `src` is either a release `audio_detokenizer/` folder (-> `dst` gets the DiT) or a model folder
+    holding `audio_detokenizer/` and `vocoder/` (-> `dst/audio_detokenizer` and `dst/vocoder`, the layout
+    `load_detokenizer` reads). Tensors come from the memory-mapped pickle one at a time, so peak RAM is
+    about the DiT size.
     """
-    model = load_dit(src)
-    return save_dit(model, dst)
+    src, dst = Path(src), Path(dst)
+    if (src / DIT_FOLDER).is_dir():
+        from kimia.detokenizer.bigvgan import load_vocoder, save_vocoder
+
+        save_dit(load_dit(src / DIT_FOLDER), dst / DIT_FOLDER)
+        if (src / VOCODER_FOLDER).is_dir():
+            save_vocoder(load_vocoder(src / VOCODER_FOLDER), dst / VOCODER_FOLDER)
+        return dst
+    return save_dit(load_dit(src), dst)
 
 
 def load_detokenizer(
@@ -137,6 +147,7 @@ def load_detokenizer(
     dtype: torch.dtype | None = None,
     config: StreamConfig | None = None,
     generator: torch.Generator | None = None,
+    noise_provider=None,
 ) -> StreamingDetokenizer:
     """StreamingDetokenizer from a model folder holding `audio_detokenizer/` and `vocoder/` (release or native)."""
     from kimia.detokenizer.bigvgan import load_vocoder
@@ -146,4 +157,4 @@ def load_detokenizer(
         raise CheckpointError(f"model folder not found: {root}")
     dit = load_dit(root / DIT_FOLDER, device=device, dtype=dtype)
     vocoder = load_vocoder(root / VOCODER_FOLDER, device=device, dtype=dtype)
-    return StreamingDetokenizer(dit, vocoder, config, generator=generator)
+    return StreamingDetokenizer(dit, vocoder, config, generator=generator, noise_provider=noise_provider)

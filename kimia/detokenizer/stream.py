@@ -179,6 +179,7 @@ class StreamingDetokenizer:
 
     # ------------------------------------------------------------------ DiT
     def _positions(self, batch: int, frames: int) -> torch.Tensor:
+        self.dit.check_positions(self.position + frames - 1)
         return torch.arange(self.position, self.position + frames, device=self.device)[None].expand(batch, frames)
 
     def _commit(self, frames: int) -> None:
