@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimia import audio as kaudio
 from kimia.checkpoints.common import load_safetensors, load_state_dict_strict
 from kimia.encoders.layers import EncoderLayer
 from kimia.errors import CheckpointError, ConfigError
@@ -207,11 +208,9 @@ class SemanticEncoder(nn.Module):
 
 
 def _as_waveform(audio: Any, what: str) -> torch.Tensor:
-    from kimia.audio import load_audio
-
     if isinstance(audio, (str, os.PathLike, bytes, bytearray)):
-        return load_audio(audio)
-    return load_audio(audio, sr=16000, name=what)
+        return kaudio.load_audio(audio)
+    return kaudio.load_audio(audio, sr=kaudio.SAMPLE_RATE, name=what)
 
 
 class SemanticTokenizer:
@@ -233,8 +232,6 @@ class SemanticTokenizer:
     def features(self, segments: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Segments -> (log-mel [B, n_mels, F], frame mask [B, F]) padded to the longest, rounded up to a
         multiple of `samples_per_token` samples (like WhisperFeatureExtractor with padding="longest")."""
-        from kimia.audio import log_mel_spectrogram
-
         m = self.encoder.cfg.samples_per_token
         longest = max(s.shape[0] for s in segments)
         n = -(-longest // m) * m
@@ -243,7 +240,7 @@ class SemanticTokenizer:
         for i, s in enumerate(segments):
             batch[i, : s.shape[0]] = s
             sample_mask[i, : s.shape[0]] = True
-        mel = log_mel_spectrogram(batch.to(self.device), n_mels=self.encoder.cfg.num_mel_bins)
+        mel = kaudio.log_mel_spectrogram(batch.to(self.device), n_mels=self.encoder.cfg.num_mel_bins)
         return mel, sample_mask[:, ::HOP_LENGTH].to(self.device)
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimia import audio as kaudio
 from kimia.checkpoints.common import load_safetensors, load_state_dict_strict
 from kimia.encoders.layers import EncoderLayer, LayerNorm
 from kimia.errors import AudioError, CheckpointError, ConfigError
@@ -131,9 +132,7 @@ def tokens_per_segment(n_samples: int) -> int:
 
 def _check_waveform(audio: Any, what: str) -> torch.Tensor:
     if isinstance(audio, (str, os.PathLike, bytes, bytearray)):
-        from kimia.audio import load_audio
-
-        return load_audio(audio)
+        return kaudio.load_audio(audio)
     if not isinstance(audio, torch.Tensor):
         try:
             audio = torch.as_tensor(audio, dtype=torch.float32)
@@ -167,8 +166,6 @@ class ContinuousFeatureExtractor:
 
     def log_mel(self, segment: torch.Tensor) -> torch.Tensor:
         """One segment (<= 30 s) -> [n_mels, 3000] log-mel of it zero-padded to 480000 samples."""
-        from kimia import audio as kaudio
-
         padded = kaudio.pad_or_trim(segment, kaudio.N_SAMPLES)
         return kaudio.log_mel_spectrogram(padded, n_mels=self.encoder.cfg.n_mels)
 
@@ -183,7 +180,7 @@ class ContinuousFeatureExtractor:
             for seg in split_segments(a):
                 seg_owner.append(i)
                 seg_keep.append(FRAMES_PER_TOKEN * tokens_per_segment(seg.shape[0]))
-                mels.append(self.log_mel(seg))
+                mels.append(self.log_mel(seg.to(self.device)))
         outs: list[list[torch.Tensor]] = [[] for _ in audios]
         for start in range(0, len(mels), self.batch_size):
             batch = torch.stack(mels[start : start + self.batch_size]).to(self.device)
