@@ -13,6 +13,7 @@ Everything here is plain torch (no fused kernel), so it runs on any device and d
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -33,10 +34,17 @@ def kaiser_sinc_lowpass(cutoff: float, half_width: float, kernel_size: int) -> t
 
     `cutoff` and `half_width` are in cycles per sample (Nyquist = 0.5). The Kaiser beta follows the
     classic attenuation rule A = 2.285 (N/2 - 1) pi (4 half_width) + 7.95 dB. An even kernel is centred
-    between two taps (time offsets +-0.5, +-1.5, ...). Returns [1, 1, kernel_size] float32.
+    between two taps (time offsets +-0.5, +-1.5, ...). Returns [1, 1, kernel_size] float32 on the
+    default device (meta inside `torch.device("meta")`).
     """
     if not 0.0 <= cutoff <= 0.5:
         raise ConfigError(f"low-pass cutoff must be in [0, 0.5] cycles/sample, got {cutoff}")
+    # Designed once on the CPU: cheap, and it keeps meta builds from tracing kaiser_window's decomposition.
+    return _kaiser_sinc_cpu(float(cutoff), float(half_width), int(kernel_size)).to(torch.get_default_device(), copy=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _kaiser_sinc_cpu(cutoff: float, half_width: float, kernel_size: int) -> torch.Tensor:
     half = kernel_size // 2
     atten = 2.285 * (half - 1) * math.pi * (4.0 * half_width) + 7.95
     if atten > 50.0:
@@ -45,11 +53,12 @@ def kaiser_sinc_lowpass(cutoff: float, half_width: float, kernel_size: int) -> t
         beta = 0.5842 * (atten - 21.0) ** 0.4 + 0.07886 * (atten - 21.0)
     else:
         beta = 0.0
-    window = torch.kaiser_window(kernel_size, periodic=False, beta=beta, dtype=torch.float64)
+    cpu = torch.device("cpu")
+    window = torch.kaiser_window(kernel_size, periodic=False, beta=beta, dtype=torch.float64, device=cpu)
     if kernel_size % 2 == 0:
-        t = torch.arange(-half, half, dtype=torch.float64) + 0.5
+        t = torch.arange(-half, half, dtype=torch.float64, device=cpu) + 0.5
     else:
-        t = torch.arange(kernel_size, dtype=torch.float64) - half
+        t = torch.arange(kernel_size, dtype=torch.float64, device=cpu) - half
     if cutoff == 0.0:
         taps = torch.zeros_like(t)
     else:
