@@ -223,3 +223,21 @@ def test_conversion_round_trip(fx, tmp_path):
     save_dit(native, tmp_path / "again")
     half = load_dit(tmp_path / "again", dtype=torch.bfloat16)
     assert half.input_linear.weight.dtype == torch.bfloat16
+
+
+def test_condition_per_token_run_equals_per_frame():
+    """cond_rate=4 (adaLN once per upsampled token) gives the per-frame result, with and without cache."""
+    dit = _random_dit()
+    g = torch.Generator().manual_seed(3)
+    x, tok = torch.randn(2, 12, 80, generator=g), torch.randint(0, 50, (2, 3), generator=g).repeat_interleave(4, 1)
+    ts, pos = torch.tensor([7, 650]), torch.arange(5, 17)[None].expand(2, 12)
+    with torch.no_grad():
+        c1, c4 = dit.new_cache(2, 20), dit.new_cache(2, 20)
+        for cache in (c1, c4):
+            dit(x, tok, ts, pos, cache)
+            cache.commit(12)
+        per_frame = dit(x, tok, ts, pos + 12, c1)
+        per_run = dit(x, tok, ts, pos + 12, c4, cond_rate=4)
+        torch.testing.assert_close(per_run, per_frame, atol=1e-5, rtol=1e-4)
+        with pytest.raises(ConfigError, match="cond_rate"):
+            dit(x[:, :10], tok[:, :10], ts, pos[:, :10], cond_rate=4)

@@ -200,8 +200,19 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype)
 
 
+def _runs(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """View frames x [B, T, D] as [B, Tc, r, D] so a condition [B, Tc, 1, D] that is constant over runs
+    of r = T / Tc frames broadcasts onto them (r = 1: one condition per frame)."""
+    return x.view(x.shape[0], c.shape[1], -1, x.shape[-1])
+
+
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    """x [B, T, D], shift/scale [B, Tc, 1, D] -> x * (1 + scale) + shift, [B, T, D]."""
+    return (_runs(x, shift) * (1 + scale) + shift).flatten(1, 2)
+
+
+def _gate(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (gate * _runs(x, gate)).flatten(1, 2)
 
 
 class TimestepEmbedder(nn.Module):
@@ -259,10 +270,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
     def forward(self, x, c, cos, sin, cache=None, layer=0):
-        """x, c [B, T, D] (c = per-frame condition) -> [B, T, D]."""
-        sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + g_a * self.attn(_modulate(_layer_norm(x), sh_a, sc_a), cos, sin, cache, layer)
-        return x + g_m * self.mlp(_modulate(_layer_norm(x), sh_m, sc_m))
+        """x [B, T, D], c [B, Tc, D] (condition per run of T/Tc frames) -> [B, T, D]."""
+        sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.adaLN_modulation(c).unsqueeze(2).chunk(6, dim=-1)
+        x = x + _gate(g_a, self.attn(_modulate(_layer_norm(x), sh_a, sc_a), cos, sin, cache, layer))
+        return x + _gate(g_m, self.mlp(_modulate(_layer_norm(x), sh_m, sc_m)))
 
 
 class FinalLayer(nn.Module):
@@ -272,7 +283,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        shift, scale = self.adaLN_modulation(c).unsqueeze(2).chunk(2, dim=-1)
         return self.linear(_modulate(_layer_norm(x), shift, scale))
 
 
@@ -315,22 +326,29 @@ class DiT(nn.Module):
         positions: torch.Tensor,
         cache: DiTKVCache | None = None,
         token_emb: torch.Tensor | None = None,
+        cond_rate: int = 1,
     ) -> torch.Tensor:
         """Velocity for one chunk.
 
         x [B, T, 80] noisy (normalised) mel; tokens [B, T] semantic ids at 50 Hz; timesteps [B] integer
         diffusion steps floor(t*1000); positions [B, T] absolute RoPE positions; cache: prefix K/V
-        (this chunk's K/V are written after its committed frames, not committed). token_emb: optional
-        precomputed `condition_tokens(tokens)`. Returns [B, T, 80].
+        (this chunk's K/V are written after its committed frames, not committed).
+        cond_rate r: the caller guarantees tokens are constant over aligned runs of r frames (the x4
+        upsampling), so the per-token adaLN modulations are computed once per run (r times fewer; the
+        values are identical). token_emb: optional precomputed `condition_tokens(tokens[:, ::r])`
+        [B, T/r, D], constant over the ODE steps. Returns [B, T, 80].
         """
+        T = x.shape[1]
+        if T % cond_rate:
+            raise ConfigError(f"chunk of {T} frames is not made of runs of cond_rate={cond_rate} frames")
         # checked here only for CPU tensors (free); on accelerators the caller checks with Python ints
         # (`check_positions`) so the per-step hot path has no host sync
         if positions.device.type == "cpu" and positions.numel():
             self.check_positions(int(positions.max()))
         if cache is not None:
-            cache.ensure(x.shape[1])
-        emb = token_emb if token_emb is not None else self.condition_tokens(tokens)
-        c = self.t_embedder(timesteps)[:, None, :] + emb
+            cache.ensure(T)
+        emb = token_emb if token_emb is not None else self.condition_tokens(tokens[:, ::cond_rate])
+        c = self.t_embedder(timesteps)[:, None, :] + emb  # [B, T/r, D]
         h = self.input_linear(x)
         cos, sin = rope_cos_sin(self.cfg, positions)
         for i, block in enumerate(self.blocks):

@@ -189,11 +189,11 @@ class StreamingDetokenizer:
             self._cache.trim(self.config.max_kv_cache_tokens)
             self.stats.cache_trims += 1
 
-    def _fill_prefix(self, mel: torch.Tensor, tokens: torch.Tensor) -> None:
+    def _fill_prefix(self, mel: torch.Tensor, tokens: torch.Tensor, rate: int = 1) -> None:
         """One DiT call on clean mel at t = prefix_t whose K/V join the prefix cache."""
         B, T, _ = mel.shape
         ts = to_timestep(self.config.prefix_t, B, self.device)
-        self.dit(mel, tokens, ts, self._positions(B, T), self._cache)
+        self.dit(mel, tokens, ts, self._positions(B, T), self._cache, cond_rate=rate)
         self.stats.dit_calls += 1
         self.stats.prefix_calls += 1
         self._commit(T)
@@ -206,10 +206,12 @@ class StreamingDetokenizer:
         if cache is not None and cache.length:
             self.stats.cached_attention_chunks += 1
         pos = self._positions(B, T)
-        emb = self.dit.condition_tokens(tokens)
+        # chunks are whole upsampled tokens (look-ahead included), so the condition is constant per token
+        r = self.config.upsample_factor
+        emb = self.dit.condition_tokens(tokens[:, ::r])
 
         def velocity(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return self.dit(x, tokens, to_timestep(t, B, self.device), pos, cache, token_emb=emb)
+            return self.dit(x, tokens, to_timestep(t, B, self.device), pos, cache, token_emb=emb, cond_rate=r)
 
         x = euler_solve(velocity, noise, self._t_span, self.config.ode_solver)
         self.stats.dit_calls += solver_steps(self.config.ode_solver, self.config.ode_steps)
@@ -218,7 +220,7 @@ class StreamingDetokenizer:
             self.stats.look_ahead_frames += look_ahead
             kept = x[:, :-look_ahead]
             if use_cache:
-                self._fill_prefix(kept, tokens[:, :-look_ahead])
+                self._fill_prefix(kept, tokens[:, :-look_ahead], r)
             else:
                 self.position += kept.shape[1]
         else:
@@ -381,8 +383,10 @@ class StreamingDetokenizer:
         noise = noise.reshape(B, T, -1).to(self.device, self.dtype)
         pos = torch.arange(T, device=self.device)[None].expand(B, T)
 
+        r = self.config.upsample_factor
+
         def velocity(t, x):
-            return self.dit(x, up, to_timestep(t, B, self.device), pos)
+            return self.dit(x, up, to_timestep(t, B, self.device), pos, cond_rate=r)
 
         mel = self._denormalise(euler_solve(velocity, noise, self._t_span, self.config.ode_solver))
         wav = self._vocode(mel).float().cpu()
