@@ -80,7 +80,7 @@ def corpus_wer(pairs: Iterable[tuple[str, str]], lang: str = "en") -> WerStats:
 
 
 # --------------------------------------------------------------------------------- multiple choice
-_OPTION_LINE = re.compile(r"(?:^|\n|\s)\(?([A-J])[\).:]\s*(.+?)(?=\s+\(?[A-J][\).:]\s|\n|$)")
+_OPTION_LINE = re.compile(r"(?:^|\n|\s)\(?([A-J])[\).:]\s*(.+?)(?=\s+\(?[A-J][\).:]\s|\n|[.?!;]\s|[.?!;]?$)")
 _LETTER_PATTERNS = [
     re.compile(r"^\s*\(?([A-J])\)?\s*(?:[.:)\-]|$)"),                      # "B", "(B)", "B.", "B: ..."
     re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-J])\)?\b", re.I),  # "the answer is (B)"
