@@ -172,6 +172,7 @@ def base_encoder_and_mel():
     return enc, mel, out
 
 
+@pytest.mark.slow
 def test_packaged_base_matches_transformers(base_encoder_and_mel):
     """Real Whisper base weights (CTranslate2 package) -> our encoder == transformers' WhisperEncoder."""
     from transformers import WhisperConfig
@@ -189,6 +190,7 @@ def test_packaged_base_matches_transformers(base_encoder_and_mel):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_packaged_base_matches_ctranslate2_runtime(base_encoder_and_mel):
     """Independent oracle for the CT2 -> HF key mapping (fused qkv split, norms): CTranslate2's own encoder."""
     import ctranslate2
