@@ -202,3 +202,35 @@ def test_converted_model_folder_streams_identically(fx, tmp_path):
     native = load_detokenizer(tmp_path / "native", config=StreamConfig(**FAST), noise_provider=_seeded_noise(50))
     official = _stream(fx, _seeded_noise(50), **FAST)
     torch.testing.assert_close(native.detokenize(tokens), official.detokenize(tokens), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fx", fixture_params(KIND))
+def test_mel_normalisation_is_undone_on_output(fx):
+    """normalize_mel: the DiT works in normalised space and the emitted mel is x * std + mean."""
+    import dataclasses
+
+    from kimia.detokenizer.dit import DiT
+
+    fx = require(fx, KIND)
+    dit, voc = _modules(fx.path)
+    norm = DiT(dataclasses.replace(dit.cfg, normalize_mel=True, mel_mean=-3.0, mel_std=2.5))
+    norm.load_state_dict(dit.state_dict())
+    tokens = _tokens(8, seed=12)
+    plain = _stream(fx, _seeded_noise(60), **FAST)
+    scaled = StreamingDetokenizer(norm, voc, StreamConfig(**FAST), noise_provider=_seeded_noise(60))
+    plain.push(tokens, is_final=False)
+    scaled.push(tokens, is_final=False)
+    torch.testing.assert_close(scaled.last_mel, plain.last_mel * 2.5 - 3.0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fx", fixture_params(KIND))
+def test_bfloat16_stream_tracks_float32(fx):
+    fx = require(fx, KIND)
+    tokens = _tokens(12, seed=13)
+    outs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        det = load_detokenizer(fx.path, dtype=dtype, config=StreamConfig(**FAST), noise_provider=_seeded_noise(70))
+        outs.append(det.detokenize(tokens))
+        assert outs[-1].dtype == torch.float32 and det.last_mel.dtype == dtype
+    rel = ((outs[0] - outs[1]).norm() / outs[0].norm()).item()
+    assert rel < 0.05, rel

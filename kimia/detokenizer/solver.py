@@ -53,7 +53,9 @@ def _torchdyn_euler(velocity_fn: VelocityFn, x: torch.Tensor, t_span: torch.Tens
     n = t_span.numel()
     t, dt = t_span[0], t_span[1] - t_span[0]
     for k in range(1, n):
-        x = x + dt.to(x.dtype) * velocity_fn(t, x)
+        # dt stays an fp32 0-d tensor: PyTorch multiplies reduced-precision x by it at fp32 precision, as
+        # torchdyn does in the release (casting dt to bf16 first would shift the schedule by ~0.4%)
+        x = x + dt * velocity_fn(t, x)
         t = t + dt
         if k < n - 1:
             dt = t_span[k + 1] - t
