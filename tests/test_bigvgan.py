@@ -179,6 +179,12 @@ def test_native_round_trip(fx, tmp_path):
     mel = fx.tensors()["mel"]
     with torch.no_grad():
         assert torch.equal(native(mel), official(mel))
+    # An already-folded state dict in the release's pickle layout loads too.
+    (tmp_path / "folded").mkdir()
+    shutil.copy(fx.path / "config.json", tmp_path / "folded" / "config.json")
+    torch.save({"generator": official.state_dict()}, tmp_path / "folded" / "model.pt")
+    with torch.no_grad():
+        assert torch.equal(load_vocoder(tmp_path / "folded")(mel), official(mel))
     with pytest.raises(CheckpointError):
         load_vocoder(tmp_path / "missing")
 
