@@ -149,6 +149,10 @@ def test_voice_prompt_changes_output_and_reset_clears_it(fx):
     voiced = det.detokenize(tokens)
     assert (voiced - plain).abs().max() > 1e-4
     torch.testing.assert_close(det.detokenize(tokens), voiced)  # the voice persists across utterances
+    dit, voc = _modules(fx.path)
+    other = StreamingDetokenizer(dit, voc, StreamConfig(**{**FAST, "prompt_chunk_frames": 16}),
+                                 noise_provider=_seeded_noise(30), speaker_prompt=(prompt_mel, prompt_tokens))
+    torch.testing.assert_close(other.detokenize(tokens), voiced)
     det.reset()
     torch.testing.assert_close(det.detokenize(tokens), plain)
 

@@ -148,6 +148,7 @@ def load_detokenizer(
     config: StreamConfig | None = None,
     generator: torch.Generator | None = None,
     noise_provider=None,
+    speaker_prompt: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> StreamingDetokenizer:
     """StreamingDetokenizer from a model folder holding `audio_detokenizer/` and `vocoder/` (release or native)."""
     from kimia.detokenizer.bigvgan import load_vocoder
@@ -157,4 +158,6 @@ def load_detokenizer(
         raise CheckpointError(f"model folder not found: {root}")
     dit = load_dit(root / DIT_FOLDER, device=device, dtype=dtype)
     vocoder = load_vocoder(root / VOCODER_FOLDER, device=device, dtype=dtype)
-    return StreamingDetokenizer(dit, vocoder, config, generator=generator, noise_provider=noise_provider)
+    return StreamingDetokenizer(
+        dit, vocoder, config, generator=generator, noise_provider=noise_provider, speaker_prompt=speaker_prompt
+    )

@@ -94,7 +94,9 @@ class StreamingDetokenizer:
         *,
         generator: torch.Generator | None = None,
         noise_provider: NoiseProvider | None = None,
+        speaker_prompt: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
+        """speaker_prompt: optional (mel [T, 80], semantic ids [T/4]) voice prompt, see `prefill_voice`."""
         self.dit = dit.eval()
         self.vocoder = vocoder.eval()
         self.config = config or StreamConfig()
@@ -114,6 +116,8 @@ class StreamingDetokenizer:
         self._voice = None  # (batch, position, cache snapshot) after prefill_voice
         self.last_mel: torch.Tensor | None = None  # de-normalised mel [B, T, 80] of the last chunk
         self.reset()
+        if speaker_prompt is not None:
+            self.prefill_voice(*speaker_prompt)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
