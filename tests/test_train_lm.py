@@ -1,0 +1,204 @@
+"""Audio-LLM training recipe: loss formula, learning, freezing, LoRA, resume, config loading, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kimia.checkpoints.native import load_native_lm
+from kimia.errors import ConfigError
+from kimia.lm.model import LMOutput
+from kimia.train.common import Trainer, lr_factor
+from kimia.train.config import load_config
+from kimia.train.data import SyntheticLMDataset
+from kimia.train.lm import LMRecipe, LMTrainConfig, lm_loss, train_lm
+from kimia.train.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, unmerge_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "train" / "lm_tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention on a shared box
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(tmp_path: Path, *overrides: str) -> LMTrainConfig:
+    return load_config(LMTrainConfig, TINY, [f"train.out_dir={tmp_path / 'run'}", "train.save_every=0",
+                                             "train.log_every=0", *overrides])
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_masked_ce_is_the_shifted_official_loss():
+    """Loss == mean over masked positions t of CE(logits[t], ids[t+1]) per stream, summed (explicit loop)."""
+    ds = SyntheticLMDataset(3, num_base_tokens=285, token_offset=706, audio_vocab=1024, adaptor_dim=256)
+    recipe = LMRecipe(LMTrainConfig())
+    batch = recipe.collate([ds[0], ds[1], ds[2]])
+    g = torch.Generator().manual_seed(0)
+    b, n = batch.audio_ids.shape
+    out = LMOutput(torch.randn(b, n, 1730, generator=g), torch.randn(b, n, 1730, generator=g))
+    total, la, lt = lm_loss(out, batch)
+    expect = []
+    for logits, ids, mask in ((out.audio_logits, "audio_ids", "audio_loss_mask"),
+                              (out.text_logits, "text_ids", "text_loss_mask")):
+        terms = []
+        for r, item in enumerate([ds[0], ds[1], ds[2]]):
+            src, m = getattr(item, ids), getattr(item, mask)
+            for t in range(len(item) - 1):
+                if m[t + 1]:
+                    terms.append(F.cross_entropy(logits[r, t][None], src[t + 1][None]))
+        expect.append(torch.stack(terms).sum() / (len(terms) + 1e-4))
+    torch.testing.assert_close(la, expect[0])
+    torch.testing.assert_close(lt, expect[1])
+    torch.testing.assert_close(total, expect[0] + expect[1])
+    # the text loss covers the assistant text and its text-EOS; the audio loss the echoed audio + media_end
+    sp = ds.specials
+    assert batch.text_labels[batch.text_loss_mask].eq(sp.text_eos).sum() == 3
+    assert batch.audio_labels[batch.audio_loss_mask].eq(sp.media_end).sum() == 1
+
+
+def test_loss_goes_down_and_export_loads(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=25", "data.synthetic=4", "train.micro_batch=4")
+    trainer, hist = train_lm(cfg)
+    first, last = hist[0]["loss"], hist[-1]["loss"]
+    assert last < 0.6 * first, (first, last)
+    assert all(r["tokens_per_s"] > 0 and r["tokens"] > 0 for r in hist)
+    logged = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in logged] == [r["loss"] for r in hist]
+    # the exported native folder reproduces the trained model's logits
+    model, _ = load_native_lm(tmp_path / "run" / "export")
+    batch = trainer.recipe.collate([trainer.data[0]])
+    trained = trainer.raw_model.eval()
+    with torch.no_grad():
+        a = trained(batch.audio_ids, batch.text_ids, batch.positions, continuous=batch.continuous,
+                    continuous_mask=batch.continuous_mask)
+        b = model(batch.audio_ids, batch.text_ids, batch.positions, continuous=batch.continuous,
+                  continuous_mask=batch.continuous_mask)
+    torch.testing.assert_close(b.text_logits, a.text_logits, rtol=0, atol=0)
+    torch.testing.assert_close(b.audio_logits, a.audio_logits, rtol=0, atol=0)
+
+
+def test_freeze_groups_keep_params_bit_identical(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=3", "freeze=[trunk,embeddings,adaptor]", "freeze_embedding_rows_below=0")
+    recipe = LMRecipe(cfg)
+    trainer = Trainer(recipe, cfg.train, cfg.optim, full_config=cfg)
+    before = params(trainer.raw_model)
+    trainer.fit()
+    after = params(trainer.raw_model)
+    fork = recipe.lm_config.kimia_mimo_transformer_from_layer_index
+    frozen = [n for n in before if n.startswith("model.embed_tokens") or n.startswith("model.vq_adaptor")
+              or any(n.startswith(f"model.layers.{i}.") for i in range(fork + 1))]
+    assert frozen and len(frozen) < len(before)
+    for n in before:
+        same = torch.equal(before[n], after[n])
+        assert same == (n in frozen), n
+
+
+def test_freeze_embedding_rows_below_trains_only_new_rows(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=3", "freeze_embedding_rows_below=706")
+    trainer = Trainer(LMRecipe(cfg), cfg.train, cfg.optim, full_config=cfg)
+    w0 = trainer.raw_model.model.embed_tokens.weight.detach().clone()
+    trainer.fit()
+    w1 = trainer.raw_model.model.embed_tokens.weight.detach()
+    assert torch.equal(w0[:706], w1[:706])
+    assert not torch.equal(w0[706:], w1[706:])
+
+
+def test_unknown_freeze_entry_is_a_config_error(tmp_path):
+    cfg = tiny_cfg(tmp_path, "freeze=[no_such_part]")
+    with pytest.raises(ConfigError, match="no_such_part"):
+        LMRecipe(cfg).build_model(torch.device("cpu"))
+
+
+def test_lora_trains_only_adapters_and_merge_matches(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=4", "lora.enabled=true", "lora.r=4",
+                   "lora.targets=['*.self_attn.q_proj','*.mlp.down_proj']")
+    trainer, _ = train_lm(cfg)
+    model = trainer.raw_model.eval()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    adapters = lora_state_dict(model)
+    assert set(adapters) == trainable
+    assert any(v.abs().sum() > 0 for k, v in adapters.items() if k.endswith("lora_B"))
+    # base weights untouched by training
+    ref = LMRecipe(tiny_cfg(tmp_path)).build_model(torch.device("cpu"))
+    for n, p in ref.named_parameters():
+        assert torch.equal(p, model.get_parameter(n)), n
+    batch = trainer.recipe.collate([trainer.data[1]])
+    args = (batch.audio_ids, batch.text_ids, batch.positions)
+    kw = dict(continuous=batch.continuous, continuous_mask=batch.continuous_mask)
+    with torch.no_grad():
+        unmerged = model(*args, **kw)
+        merge_lora(model)
+        merged = model(*args, **kw)
+        unmerge_lora(model)
+        again = model(*args, **kw)
+        plain = ref(*args, **kw)
+    torch.testing.assert_close(merged.text_logits, unmerged.text_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged.audio_logits, unmerged.audio_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again.text_logits, unmerged.text_logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain.text_logits, unmerged.text_logits, atol=1e-4)
+    # the export is a plain native folder (adapters merged) giving the adapted logits
+    exported, _ = load_native_lm(tmp_path / "run" / "export")
+    assert not any("lora" in k for k in exported.state_dict())
+    with torch.no_grad():
+        ex = exported(*args, **kw)
+    torch.testing.assert_close(ex.audio_logits, unmerged.audio_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_wrap_starts_as_identity():
+    lin = torch.nn.Linear(6, 5)
+    x = torch.randn(3, 6)
+    ref = lin(x)
+    m = torch.nn.Sequential(lin)
+    apply_lora(m, ["0"], r=2, alpha=4.0)
+    assert isinstance(m[0], LoRALinear) and set(m.state_dict()) == {"0.weight", "0.bias", "0.lora_A", "0.lora_B"}
+    torch.testing.assert_close(m(x), ref)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    common = ("train.steps=6", "data.synthetic=12", "train.micro_batch=2", "train.grad_accum=2")
+    full_cfg = tiny_cfg(tmp_path / "a", *common)
+    full = Trainer(LMRecipe(full_cfg), full_cfg.train, full_cfg.optim, full_config=full_cfg)
+    full_hist = full.fit()
+    # the "killed" run stops after 3 steps (its last checkpoint), then a fresh process object resumes
+    part_cfg = tiny_cfg(tmp_path / "b", *common, "train.max_steps_this_run=3", "train.save_every=2")
+    first = Trainer(LMRecipe(part_cfg), part_cfg.train, part_cfg.optim, full_config=part_cfg)
+    h1 = first.fit()
+    assert first.step == 3 and len(h1) == 3
+    torch.manual_seed(1234)  # resume must not depend on the RNG state of the new process
+    (tmp_path / "b" / "run" / "checkpoints" / "step_0000005.tmp").mkdir()  # a torn write is ignored
+    part_cfg.train.max_steps_this_run = 0
+    second = Trainer(LMRecipe(part_cfg), part_cfg.train, part_cfg.optim, full_config=part_cfg)
+    assert second.step == 3
+    h2 = second.fit()
+    assert [r["loss"] for r in h1 + h2] == [r["loss"] for r in full_hist]
+    for (n, p), (_, q) in zip(full.raw_model.named_parameters(), second.raw_model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config(LMTrainConfig, TINY, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(LMTrainConfig, TINY, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(LMTrainConfig, TINY, ["train.precision=fp8"])
+    cfg = load_config(LMTrainConfig, TINY, ["optim.lr=3e-4", "freeze=[trunk]"])
+    assert cfg.optim.lr == 3e-4 and cfg.freeze == ["trunk"] and cfg.train.steps == 20
+
+
+def test_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 10, 2, 0.1) for s in range(11)]
+    assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0
+    assert all(a >= b for a, b in zip(f[2:], f[3:])) and abs(f[10] - 0.1) < 1e-12
