@@ -238,3 +238,19 @@ def test_bfloat16_stream_tracks_float32(fx):
         assert outs[-1].dtype == torch.float32 and det.last_mel.dtype == dtype
     rel = ((outs[0] - outs[1]).norm() / outs[0].norm()).item()
     assert rel < 0.05, rel
+
+
+@pytest.mark.parametrize("fx", fixture_params(KIND))
+def test_feed_in_pieces_equals_detokenize(fx):
+    fx = require(fx, KIND)
+    tokens = _tokens(24, seed=14)
+    whole = _stream(fx, _seeded_noise(80), **FAST).detokenize(tokens)
+    det = _stream(fx, _seeded_noise(80), **FAST)
+    pieces, start = [], 0
+    for k in (1, 5, 2, 9, 3, 4):  # 24 ids in irregular groups, as a generation loop would produce them
+        pieces.append(det.feed(tokens[start : start + k]))
+        start += k
+    assert sum(p.shape[-1] for p in pieces) > 0, "nothing was emitted before finish()"
+    pieces.append(det.finish())
+    torch.testing.assert_close(torch.cat(pieces), whole)
+    assert det.sample_rate == 24000

@@ -105,6 +105,11 @@ class StreamingDetokenizer:
         p = next(dit.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.max_positions = min(self.config.max_positions, dit.cfg.max_positions)
+        vcfg = getattr(vocoder, "config", None)
+        hop = getattr(vcfg, "hop_size", self.config.frame_size)
+        if hop != self.config.frame_size:
+            raise ConfigError(f"vocoder hop_size {hop} != detokenizer frame_size {self.config.frame_size}")
+        self.sample_rate = int(getattr(vcfg, "sampling_rate", SAMPLE_RATE))
         self.stats = StreamStats()
         cfg = dit.cfg
         self._mel_mean = torch.as_tensor(cfg.mel_mean, dtype=torch.float32) if cfg.normalize_mel else None
@@ -128,6 +133,7 @@ class StreamingDetokenizer:
     def _reset_stream(self) -> None:
         """Start a new utterance; a prefilled voice prompt stays (its cache is restored)."""
         self._pending = None  # look-ahead tokens [B, la] to regenerate
+        self._fed = None  # raw ids [B, m] given to `feed` and not pushed yet
         self._pre_mel = None
         self._pre_wav = None
         self._calls = 0
@@ -323,6 +329,40 @@ class StreamingDetokenizer:
             self._reset_dit_state()
         out = wav.cpu()
         return out[0] if single else out
+
+    @torch.inference_mode()
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Incremental input for a generation loop: ids [k] or [B, k] as they are produced (any k).
+
+        Ids are buffered and pushed in the `detokenize` schedule (first_chunk_size, then chunk_size
+        tokens); a full chunk is held until one more id arrives, because a last chunk must be pushed as
+        final. So `feed`* + `finish()` gives exactly `detokenize(all ids)`. Returns the PCM ready now
+        ([S] or [B, S], possibly empty).
+        """
+        tokens = torch.as_tensor(tokens)
+        single = tokens.dim() == 1
+        tokens = (tokens[None] if single else tokens).cpu()
+        self._tokens(tokens, "feed")  # validate early
+        self._fed = tokens if self._fed is None else torch.cat([self._fed, tokens], dim=1)
+        self._fed_single = single
+        out = [torch.zeros(tokens.shape[0], 0)]
+        while True:
+            size = self.config.first_chunk_size if self._calls == 0 else self.config.chunk_size
+            if self._fed.shape[1] <= size:
+                break
+            chunk, self._fed = self._fed[:, :size], self._fed[:, size:]
+            out.append(self.push(chunk, is_final=False))
+        wav = torch.cat(out, dim=1)
+        return wav[0] if single else wav
+
+    @torch.inference_mode()
+    def finish(self) -> torch.Tensor:
+        """End the utterance started with `feed`: push the buffered ids as the final chunk."""
+        fed = self._fed if self._fed is not None else torch.zeros(self._batch or 1, 0, dtype=torch.long)
+        single = self._fed is None or self._fed_single
+        self._fed = None
+        wav = self.push(fed, is_final=True)
+        return wav[0] if single else wav
 
     def _flush_tail(self) -> torch.Tensor:
         """Final push with no new frames: emit the held-back wav tail as it is."""
