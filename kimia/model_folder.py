@@ -160,7 +160,7 @@ def resolve_model_folder(model_path: str | os.PathLike, *, load_detokenizer: boo
         whisper, semantic, detok, voc = sub("whisper"), sub("semantic_tokenizer"), sub("detokenizer"), sub("vocoder")
     else:
         layout, lm = "official", over.get("lm_path", root)
-        tok, tok_root = _official_tokenizer(lm), lm
+        tok, tok_root = _official_tokenizer(root), root
         whisper = over.get("whisper_path", root / OFFICIAL_WHISPER)
         semantic = over.get("semantic_tokenizer_path") or _find_glm_tokenizer(root)
         detok = over.get("detokenizer_path", root / OFFICIAL_DETOK)

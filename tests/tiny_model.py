@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tests.reference import fixture_root
+from tests.reference import find_fixtures
 
 SEED = 1234
 
@@ -47,8 +47,16 @@ def _save(module: nn.Module, config: dict, folder: Path) -> Path:
     return folder
 
 
-def tiny_rank_file() -> Path:
-    return fixture_root() / "llm" / "tiny_tiktoken.model"
+def _fixture_dir(kind: str) -> Path:
+    found = find_fixtures(kind)
+    assert found, f"no reference fixture folder of kind {kind!r} (KIMIA_REFERENCE_FIXTURES)"
+    return found[0].path
+
+
+def tiny_rank_file(llm_dir: Path | None = None) -> Path:
+    """The tiny tiktoken rank file shipped with the `llm` fixture (its shrunk vocabulary's BPE part)."""
+    (path,) = sorted((llm_dir or _fixture_dir("llm")).glob("*tiktoken.model"))
+    return path
 
 
 def write_glm_tokenizer(folder: str | Path, seed: int = SEED, codebook: int = 1024) -> Path:
@@ -130,18 +138,22 @@ def write_tiny_model(folder: str | Path, seed: int = SEED, *, detokenizer: bool 
     return root
 
 
-def write_official_layout(folder: str | Path, seed: int = SEED) -> Path:
-    """An official-layout folder assembled from the reference fixtures (LLM, Whisper, detokenizer, vocoder,
-    linked) plus a tiny GLM-format semantic tokenizer written beside it as `glm-4-voice-tokenizer/`."""
-    ref = fixture_root()
+def write_official_layout(folder: str | Path, seed: int = SEED, *, llm_dir: Path | None = None,
+                          whisper_dir: Path | None = None, detok_dir: Path | None = None) -> Path:
+    """An official-layout folder assembled (by symlinks) from reference fixture folders: the LLM checkpoint
+    (`llm` kind, or `llm_dir`), `whisper-large-v3/` (`whisper_features`), `audio_detokenizer/` + `vocoder/`
+    (`detokenizer`), plus a tiny GLM-format semantic tokenizer written beside it as `glm-4-voice-tokenizer/`."""
+    llm = llm_dir or _fixture_dir("llm")
+    whisper = whisper_dir or _fixture_dir("whisper_features") / "whisper-large-v3"
+    detok = detok_dir or _fixture_dir("detokenizer")
     root = Path(folder) / "Kimi-Audio-tiny"
     root.mkdir(parents=True, exist_ok=True)
-    llm = ref / "llm"
-    for name in ("config.json", "model.safetensors.index.json", "model-1-of-1.safetensors",
-                 "model-2-of-2.safetensors", "tiny_tiktoken.model"):
+    shards = set(json.loads((llm / "model.safetensors.index.json").read_text())["weight_map"].values())
+    for name in ("config.json", "model.safetensors.index.json", *sorted(shards)):
         (root / name).symlink_to(llm / name)
-    (root / "whisper-large-v3").symlink_to(ref / "whisper_features" / "whisper-large-v3")
-    (root / "audio_detokenizer").symlink_to(ref / "detokenizer" / "audio_detokenizer")
-    (root / "vocoder").symlink_to(ref / "detokenizer" / "vocoder")
+    (root / tiny_rank_file(llm).name).symlink_to(tiny_rank_file(llm))
+    (root / "whisper-large-v3").symlink_to(whisper)
+    (root / "audio_detokenizer").symlink_to(detok / "audio_detokenizer")
+    (root / "vocoder").symlink_to(detok / "vocoder")
     write_glm_tokenizer(Path(folder) / "glm-4-voice-tokenizer", seed)
     return root

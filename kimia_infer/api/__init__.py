@@ -1,0 +1,1 @@
+"""Official `kimia_infer.api` namespace; the model class lives in `kimia_infer.api.kimia`."""
