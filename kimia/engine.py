@@ -85,7 +85,9 @@ class GenerationConfig:
     @classmethod
     def from_official(cls, **kwargs) -> GenerationConfig:
         """From the official `KimiAudio.generate` keyword arguments (output_type, text_/audio_ temperature,
-        top_k, repetition_penalty, repetition_window_size, max_new_tokens); defaults as the official ones."""
+        top_k, repetition_penalty, repetition_window_size, max_new_tokens); defaults as the official ones.
+        One deliberate difference: the official generate() ignores max_new_tokens in "both" mode (always
+        1500 - prompt length); here an explicit max_new_tokens is honoured in both modes."""
         known = {"output_type", "max_new_tokens"} | {
             f"{s}_{k}" for s in ("text", "audio") for k in ("temperature", "top_k", "repetition_penalty",
                                                              "repetition_window_size")}
@@ -256,7 +258,11 @@ def prompt_tensors(model: AudioLM, prompts: Sequence[PromptBatch], pad_id: int, 
 
 
 class Engine:
-    """Cached, batched generation for one `AudioLM` and its special-token table."""
+    """Cached, batched generation for one `AudioLM` and its special-token table.
+
+    device / dtype default to the model's; when given and different, the model is moved (in place) once here.
+    The KV cache takes the model's dtype; logits, softmax and sampling run in fp32.
+    """
 
     def __init__(self, model: AudioLM, specials: SpecialTokens, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None):
@@ -265,6 +271,7 @@ class Engine:
         self.dtype = dtype or w.dtype
         if w.device != self.device or w.dtype != self.dtype:
             model = model.to(device=self.device, dtype=self.dtype)
+            model.init_buffers(self.device)  # RoPE tables recomputed in fp32, not cast
         self.model = model.eval()
         self.specials = specials
         self.delay = int(specials.audio_delay)
@@ -300,8 +307,11 @@ class Engine:
         _check_prompts(prompts, self.model.config.vocab_size)
         sp, delay = self.specials, self.delay
         rows = [_Row(k, len(p), config.steps_for(len(p))) for k, p in enumerate(prompts)]
-        cap = min(self.model.config.max_position_embeddings,
-                  max(r.length + r.steps - 1 for r in rows))  # the last sampled ids are never fed back
+        cap = max(r.length + r.steps - 1 for r in rows)  # the last sampled ids are never fed back
+        max_pos = self.model.config.max_position_embeddings
+        if cap > max_pos and (config.max_cache_len is None or config.max_cache_len > max_pos):
+            raise BudgetError(f"generation needs up to {cap} positions but the model has max_position_embeddings "
+                              f"{max_pos}; lower max_context_{config.output_type} or max_new_tokens")
         if config.max_cache_len is not None:
             too_long = [r.length for r in rows if r.length > config.max_cache_len]
             if too_long:

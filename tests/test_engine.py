@@ -167,6 +167,8 @@ def test_budgets_and_cache_cap(setup):
     (capped,) = eng.generate([p], GenerationConfig(max_context_text=n + 10, max_cache_len=n + 4))
     assert capped.stop_reason == "max_cache_len" and capped.steps == 5
     assert capped.step_text_tokens == full.step_text_tokens[:5]
+    with pytest.raises(BudgetError, match="max_position_embeddings"):
+        eng.generate([p], GenerationConfig(max_context_text=eng.model.config.max_position_embeddings + n + 2))
     with pytest.raises(ConfigError):
         GenerationConfig(output_type="audio")
     with pytest.raises(ConfigError):
@@ -221,3 +223,19 @@ def test_stream_events_concatenate_to_generate(setup, output_type):
             assert any(audio.values()), "no audio was streamed"
     with pytest.raises(ConfigError):
         next(iter(setup[0]["."].stream(prompts, config, audio_chunk=0)))
+
+
+def test_engine_device_and_dtype_resolution(setup):
+    """Engine(dtype=...) moves a model once; float64 greedy decisions equal the float32 engine's."""
+    sp = setup[1]
+    fx = _folder()
+    model = load_official_lm(fx.path, dtype=torch.float32)[0]
+    eng64 = Engine(model, sp, device="cpu", dtype=torch.float64)
+    assert eng64.model.lm_head.weight.dtype == torch.float64 and eng64.dtype == torch.float64
+    prompts = _prompts(setup, "both")[:2]
+    config = GenerationConfig(output_type="both", max_new_tokens=24, return_logits=True)
+    got = eng64.generate(prompts, config)
+    want = setup[0]["."].generate(prompts, config)
+    for k, (a, b) in enumerate(zip(got, want)):
+        _same(a, b, f"float64 row {k}")
+        torch.testing.assert_close(a.step_text_logits.float(), b.step_text_logits, atol=1e-4, rtol=1e-4)
