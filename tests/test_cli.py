@@ -1,0 +1,109 @@
+"""The `kimia` command line: demo on a fresh install, transcribe/chat on a tiny model folder, clean errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import soundfile as sf
+import torch
+
+from kimia.cli import main
+from tests.tiny_model import write_tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from kimia.audio import example_path, load_audio, save_audio
+
+    wave = load_audio(example_path())[:16000]  # 1 s of the bundled question
+    return save_audio(tmp_path_factory.mktemp("clips") / "q.wav", wave, 16000)
+
+
+def _one_line_error(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("kimia: error: ")
+    return lines[0]
+
+
+def test_demo_runs_without_a_model(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "question.flac" in out and "(1, " in out and "2048)" in out  # base: 4 x 512 stacked channels
+    assert "later" in out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "transcribe" in capsys.readouterr().out
+
+
+def test_transcribe_matches_the_api(tiny, clip, tmp_path, capsys):
+    from kimia.api import ASR_INSTRUCTION, KimiAudio
+
+    out_file = tmp_path / "t.txt"
+    assert main(["transcribe", str(clip), "--model", str(tiny), "--max-new-tokens", "10", "--out", str(out_file)]) == 0
+    printed = capsys.readouterr().out
+    model = KimiAudio(tiny, load_detokenizer=False, device="cpu")
+    _, text = model.generate([{"role": "user", "message_type": "text", "content": ASR_INSTRUCTION},
+                              {"role": "user", "message_type": "audio", "content": str(clip)}], max_new_tokens=10)
+    assert printed == text + "\n"
+    assert out_file.read_text(encoding="utf-8") == text + "\n"
+
+
+def test_transcribe_corrupt_file_is_one_line_exit_2(tiny, tmp_path, capsys):
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk")
+    assert main(["transcribe", str(bad), "--model", str(tiny), "-q"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "broken.wav" in line
+    assert main(["transcribe", str(tmp_path / "missing.flac"), "--model", str(tiny)]) == 2
+    assert "missing.flac" in _one_line_error(capsys.readouterr().err)
+
+
+def test_bad_model_folder_is_one_line_exit_2(clip, tmp_path, capsys):
+    assert main(["transcribe", str(clip), "--model", str(tmp_path / "nope")]) == 2
+    assert "model folder not found" in _one_line_error(capsys.readouterr().err)
+
+
+def test_chat_one_turn_writes_24k_answer(tiny, clip, tmp_path, capsys):
+    out = tmp_path / "answer.wav"
+    rc = main(["chat", "--model", str(tiny), "--audio", str(clip), "--output-type", "both", "--out", str(out),
+               "--max-new-tokens", "16", "--seed", "1"])
+    assert rc == 0
+    info = sf.info(str(out))
+    assert info.samplerate == 24000 and info.frames > 0 and info.frames % 1920 == 0
+
+
+def test_chat_interactive_loop(tiny, clip, monkeypatch, capsys):
+    from kimia.api import KimiAudio
+
+    seen = []
+    original = KimiAudio.generate_stream
+
+    def recording(self, messages, **kw):  # observe the history each turn sends (the real method runs)
+        seen.append([dict(m) for m in messages])
+        return original(self, messages, **kw)
+
+    monkeypatch.setattr(KimiAudio, "generate_stream", recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"hello\n{clip}\n\nnever read\n"))
+    assert main(["chat", "--model", str(tiny), "--max-new-tokens", "6"]) == 0
+    assert "error" not in capsys.readouterr().err
+    assert len(seen) == 2  # the empty line ended the loop
+    assert [m["message_type"] for m in seen[1]] == ["text", "text", "audio"]  # user, assistant answer, user audio
+    assert seen[1][1]["role"] == "assistant" and seen[1][2]["content"] == str(clip)
