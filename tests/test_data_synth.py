@@ -39,6 +39,7 @@ def test_every_installed_engine_speaks():
 def test_normalisation_reads_numbers_and_symbols():
     assert normalize_text("What is 7 + 5?") == normalize_text("what is seven plus five")
     assert normalize_text("4x2 is 8.") == "four times two is eight"
+    assert normalize_text("5-4-3") == "five four three" and normalize_text("7 - 2") == "seven minus two"
     assert number_words(21) == "twenty one" and number_words(300) == "three hundred"
     assert wer("the cat sat", "The cat, sat!") == 0.0
     assert decide("what is seven plus five", "what is 7 plus 9", RULES["spoken_qa"], "seven five").ok is False
@@ -160,6 +161,9 @@ def test_tiny_corpus_resumes_without_regenerating(tmp_path, capsys):
                 assert sf.info(r["target_audio_path"]).samplerate == 24000
             (eval_texts if r["split"] == "eval" else train_texts).add(normalize_text(r["text"]))
     assert set(per_task) == set(summary["tasks"])
+    budget = TINY_HOURS * 3600 / len(summary["tasks"])
+    for task, secs in per_task.items():  # balanced: every task reaches its share of accepted audio (top-ups)
+        assert secs >= budget - 0.01, (task, secs, budget)
     assert summary["items"]["accepted"] == sum(summary["items"]["accepted_per_task"].values())
     for task, secs in per_task.items():
         assert summary["hours"]["per_task"][task] == pytest.approx(secs / 3600, abs=1e-5)

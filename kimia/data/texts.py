@@ -60,7 +60,8 @@ def normalize_text(text: str) -> str:
     t = text.lower().replace("’", "'")
     t = re.sub(r"(?<=\d),(?=\d{3})", "", t)  # 1,000 -> 1000
     t = t.replace("+", " plus ").replace("×", " times ").replace("=", " equals ").replace("%", " percent ")
-    t = re.sub(r"(?<=\d)\s*-\s*(?=\d)", " minus ", t)
+    t = re.sub(r"(?<=\d) - (?=\d)", " minus ", t)  # "7 - 2"; but "5-4-3" is a spoken list
+    t = re.sub(r"(?<=\d)-(?=\d)", " ", t)
     t = re.sub(r"(?<=\d)\s*x\s*(?=\d)", " times ", t)
     t = re.sub(r"\d+", lambda m: " " + number_words(int(m.group())) + " " if len(m.group()) <= 6 else m.group(), t)
     t = re.sub(r"[^a-z0-9' ]+", " ", t)
@@ -80,7 +81,7 @@ _FALLBACK_SUBJECTS = ("the old man", "a small dog", "my sister", "the teacher", 
                       "a tall farmer", "the little bird", "his friend", "the baker")
 _FALLBACK_VERBS = ("found", "painted", "carried", "opened", "washed", "bought", "dropped", "cleaned", "moved", "sold")
 _FALLBACK_OBJECTS = ("a red box", "the wooden door", "a green apple", "the heavy bag", "a blue cup",
-                     "the broken chair", "a warm coat", "the long rope", "a round table", "the yellow kite")
+                     "the broken chair", "a warm coat", "the long rope", "the square table", "the yellow kite")
 _FALLBACK_PLACES = ("in the morning", "near the river", "after dinner", "at the market", "before the rain",
                     "in the garden", "on the way home", "at school", "by the lake", "late at night")
 
