@@ -1,4 +1,5 @@
-"""The `kimia` command line: `kimia demo`, `kimia transcribe FILES --model PATH`, `kimia chat --model PATH`.
+"""The `kimia` command line: `kimia demo`, `kimia transcribe FILES --model PATH`, `kimia chat --model PATH`,
+`kimia serve MODEL` (defined by kimia.server.cli).
 
 A face only (DESIGN.md layering): it parses arguments, calls `kimia.api.KimiAudio`, prints results. Heavy
 imports (torch, the model code) happen inside the subcommands so `kimia --help` is instant. Every error kimia
@@ -189,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-temperature", type=float, default=0.0)
     p.add_argument("--text-top-k", type=int, default=5)
     p.set_defaults(func=cmd_chat)
+
+    from kimia.server.cli import add_serve_parser  # argparse only; the server stack loads when it runs
+
+    add_serve_parser(sub)
     return parser
 
 
