@@ -211,6 +211,11 @@ def stack_frames(x: torch.Tensor, k: int = FRAMES_PER_TOKEN) -> torch.Tensor:
 
 
 def _build(cfg: WhisperEncoderConfig, sd: dict[str, torch.Tensor], source: str, device, dtype) -> WhisperEncoder:
+    if dtype is None and torch.device(device or "cpu").type == "cpu":
+        # Half-precision checkpoints (the packaged CT2 weights are fp16) run several times slower on CPU
+        # than fp32; keep the stored dtype only on accelerators unless one is asked for.
+        if any(v.dtype in (torch.float16, torch.bfloat16) for v in sd.values()):
+            dtype = torch.float32
     with torch.device("meta"):
         model = WhisperEncoder(cfg)
     load_state_dict_strict(model, sd, source=source, dtype=dtype)
