@@ -191,9 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-top-k", type=int, default=5)
     p.set_defaults(func=cmd_chat)
 
-    from kimia.server.cli import add_serve_parser  # argparse only; the server stack loads when it runs
+    # Faces of the other sub-packages: each module adds its own arguments; heavy imports happen when it runs.
+    from kimia.data.cli import add_data_parser, run_data_cli
+    from kimia.eval.cli import add_eval_parser
+    from kimia.server.cli import add_serve_parser
+    from kimia.train.cli import add_train_parser, run_train_cli
 
     add_serve_parser(sub)
+    add_eval_parser(sub)
+    add_data_parser(sub).set_defaults(func=run_data_cli)
+    add_train_parser(sub).set_defaults(func=run_train_cli)
     return parser
 
 
