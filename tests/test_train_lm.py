@@ -202,3 +202,47 @@ def test_schedule_warmup_then_cosine():
     f = [lr_factor(s, 10, 2, 0.1) for s in range(11)]
     assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0
     assert all(a >= b for a, b in zip(f[2:], f[3:])) and abs(f[10] - 0.1) < 1e-12
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_matches_transformers_llama(tmp_path):
+    """The converted trunk reproduces transformers' LlamaForCausalLM loaded from the same GGUF; the audio
+    branch starts as a copy of the text tail; the tokenizer encodes as the GGUF's own tokenizer does."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kimia.tokens import SpecialTokens, load_tokenizer
+    from kimia.train.init_smollm2 import TOKENIZER_SPEC, convert_smollm2, find_smollm2_gguf, smollm2_tokenizer
+
+    torch.set_num_threads(2)
+    gguf = find_smollm2_gguf()
+    folder = convert_smollm2(tmp_path / "smol", audio_vocab=64, mimo_layers=2)
+    model, cfg = load_native_lm(folder)
+    model.eval()
+    assert not cfg.attention_bias and cfg.tie_word_embeddings and cfg.kimia_mimo_transformer_from_layer_index == 27
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+        hf_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = smollm2_tokenizer(folder)
+    # (runs of several spaces right before a digit are left out: transformers' GGUF tokenizer splits them
+    # into single spaces, SmolLM2's own Digits-then-ByteLevel pre-tokeniser keeps them as one piece)
+    texts = ["The capital of France is Paris.", "In 1969, 3 astronauts   flew 384400 km!\n\nWhy? (it's \"fun\")",
+             "héllo wörld 日本語 x2 -- a\tb\r\nc 12.5%", "  leading spaces and trailing   ", "don't WE'LL U.S.A. $1,000"]
+    for s in texts:
+        assert tok.encode(s) == hf_tok.encode(s, add_special_tokens=False), s
+        assert tok.decode(tok.encode(s)) == s
+    ids = torch.tensor([hf_tok.encode(texts[0] + " " + texts[1], add_special_tokens=False)])
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = model(ids, None, torch.arange(ids.shape[1])[None])
+    v = ref.shape[-1]
+    torch.testing.assert_close(out.text_logits[..., :v], ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.audio_logits, out.text_logits, atol=1e-5, rtol=1e-5)
+    # Kimi specials appended after SmolLM2's vocabulary, consistent between config and tokenizer spec
+    spec = json.loads((folder / TOKENIZER_SPEC).read_text())
+    sp = SpecialTokens.from_config(cfg.to_dict(), load_tokenizer(spec, folder))
+    assert sp == SpecialTokens.from_config(cfg.to_dict(), tok)
+    assert (sp.pad, sp.token_offset, cfg.vocab_size) == (49152 + 420, 49152 + 421, 49152 + 421 + 64)
+    assert tok.decode([sp.media_begin]) == "<|im_media_begin|>"

@@ -42,7 +42,7 @@ from kimia.train.lora import apply_lora, lora_scales, merge_lora_state_dict
 logger = logging.getLogger(__name__)
 
 FREEZE_GROUPS = ("embeddings", "trunk", "text_tail", "audio_branch", "adaptor")
-TOKENIZER_SPEC = "tokenizer.json"  # kimia tokenizer spec written by init_smollm2 beside the LM weights
+TOKENIZER_SPEC = "kimia_tokenizer.json"  # kimia tokenizer spec written by init_smollm2 beside the LM weights
 
 
 @dataclass
@@ -225,7 +225,13 @@ class LMRecipe(Recipe):
             import json
 
             spec, root = json.loads((self.init_folder / TOKENIZER_SPEC).read_text()), self.init_folder
-        tok = load_tokenizer(spec, root)
+        if isinstance(spec, dict) and "pattern" in spec:  # load_tokenizer does not take a pattern (yet)
+            from kimia.tokens import TextTokenizer, read_added_tokens, read_tiktoken_ranks
+
+            tok = TextTokenizer(read_tiktoken_ranks(root / spec["file"]), read_added_tokens(root / spec["specials"]),
+                                pattern=spec["pattern"])
+        else:
+            tok = load_tokenizer(spec, root)
         specials = SpecialTokens.from_config(c.to_dict(), tok)
         semantic = features = None
         if d.semantic_tokenizer:
