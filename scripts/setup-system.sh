@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # System packages kimia's tests and data tools use (Debian/Ubuntu). Safe to re-run.
-# espeak-ng: real synthetic speech for tests and the corpus builder; sox: audio inspection.
+# espeak-ng: real synthetic speech for tests and the corpus builder; sox: audio inspection;
+# chromium + chromium-driver: the headless browser test of the web page.
 set -euo pipefail
-PKGS="espeak-ng sox"
+PKGS="espeak-ng sox chromium chromium-driver"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -z "$missing" ]; then echo "system packages present:$PKGS"; exit 0; fi
