@@ -12,16 +12,28 @@ Columns: prefill = the first forward (ms, and prompt tokens/s over the batch); d
 (= batch x steps/s). `naive` is the official loop's structure: batch 1 only (a batch of 8 = 8 runs in a row),
 KV cache grown by `torch.cat` every step, one `.item()` per stream per step. Ratios = engine / naive.
 
-    python -m bench.decode [--threads 2] [--reps 3] [--configs tiny,100m] [--batches 1,8] [--device cpu]
+First the §1 side-by-side rows (our Engine, batch 1; (a) is the dev fixture `llm/` loaded from disk, as the
+reference), with the bench/common.py protocol (idle gate, probe before/after, median [min-max]); then the
+engine-vs-naive rows above.
+
+    python -m bench.decode [--threads 2] [--reps 5] [--quick] [--configs tiny,100m] [--batches 1,8] [--no-naive]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+
+from bench import common
+from bench.common import Metric, Stats
 
 from kimia.engine import Engine, GenerationConfig
 from kimia.lm import AudioLM, AudioLMConfig
@@ -162,17 +174,7 @@ def naive_generate(model: AudioLM, sp: SpecialTokens, prompt: PromptBatch, confi
 
 # ---------------------------------------------------------------------------------------------- timing
 def probe(device: str) -> str:
-    a = torch.randn(1024, 1024, device=device)
-    m = torch.randn(53248, 512, device=device)
-    x = torch.randn(512, device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    ts = []
-    for _ in range(5):
-        sync(); t0 = time.perf_counter(); a @ a; sync(); ts.append(time.perf_counter() - t0)
-    mv = []
-    for _ in range(5):
-        sync(); t0 = time.perf_counter(); m @ x; sync(); mv.append(time.perf_counter() - t0)
-    return f"{2 * 1024 ** 3 / statistics.median(ts) / 1e9:.0f} GFLOP/s, {m.numel() * 4 / statistics.median(mv) / 1e9:.1f} GB/s"
+    return str(common.probe(device=device))
 
 
 def time_engine(model, sp, prompt, batch, reps, device):
@@ -209,22 +211,14 @@ def time_naive(model, sp, prompt, batch, reps, device):
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--configs", default="tiny,100m")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, fp32, {STEPS} loop iterations, "
-          f"median of {args.reps} runs after 1 warm-up")
-    print(f"probe before: {probe(args.device)}")
+def engine_vs_naive(args: argparse.Namespace, configs: list[str]) -> None:
+    """Extra rows: our Engine next to the naive official-style loop, batch 1 and 8."""
+    print(f"\n== engine vs naive official-style loop: device {args.device}, threads {args.threads}, fp32, {STEPS} "
+          f"loop iterations, median of {args.reps} runs after 1 warm-up (not gated)")
     head = f"{'config':<6} {'B':>2} {'impl':<7} {'prefill ms':>10} {'prefill tok/s':>13} {'decode steps/s':>14} {'row-tok/s':>10}"
     print(head)
     print("-" * len(head))
-    for name in args.configs.split(","):
+    for name in configs:
         model, sp, prompt = build(name, args.device)
         n = len(prompt)
         for batch in (int(b) for b in args.batches.split(",")):
@@ -240,7 +234,87 @@ def main() -> None:
                       f"{steps_s:>14.1f} {figures[impl][3]:>10.1f}")
             e, v = figures["engine"], figures["naive"]
             print(f"{name:<6} {batch:>2} {'ratio':<7} {'':>10} {e[1] / v[1]:>12.2f}x {'':>14} {e[3] / v[3]:>9.2f}x")
-    print(f"probe after: {probe(args.device)}")
+
+
+# ---------------------------------------------------------------------------------------------- REFERENCE_PERF §1
+# REFERENCE_PERF.md §1 "LLM generate loop", medians: (a) the dev fixture `llm/` (9 runs), (b) ~100M (5 runs).
+REFERENCE_S1 = {
+    "tiny": dict(params=575_744, prefill_ms=4.59, steps_s=505.7, ms_step=1.98, forward_ms=1.91, wall_s=0.260),
+    "100m": dict(params=131_365_888, prefill_ms=151.95, steps_s=20.4, ms_step=49.09, forward_ms=48.50, wall_s=6.382),
+}
+
+
+def reference_model(name: str, device: str) -> tuple[AudioLM, SpecialTokens, PromptBatch]:
+    """(a) `tiny` = the dev fixture `llm/` loaded from disk, as the reference; (b) `100m` = `build`."""
+    model, sp, prompt = build(name, device)
+    if name == "tiny":
+        from kimia.checkpoints.official_lm import load_official_lm
+
+        model, _ = load_official_lm(common.fixture("llm"), device=device, dtype=torch.float32)
+    return model, sp, prompt
+
+
+def reference_side_by_side(session: common.Session, configs: list[str], device: str) -> None:
+    """§1 figures of our Engine (batch 1, output "both", greedy, 128 iterations, audio stop off) beside the
+    reference medians: prefill = first forward; decode = 2nd forward start -> loop end over 127 steps;
+    model forward = mean forward time of those steps; generate() wall = the whole `Engine.generate` call."""
+    rows, notes = [], []
+    for name in configs:
+        model, sp, prompt = reference_model(name, device)
+        eng = Engine(model, sp)
+        config = GenerationConfig(output_type="both", max_new_tokens=STEPS, audio_stop=False)
+        clock = _Clock(model, device)
+
+        def once() -> dict[str, float]:
+            clock.t.clear(); clock.ends.clear()
+            t0 = time.perf_counter()
+            out = eng.generate([prompt], config)
+            clock.sync(); end = time.perf_counter()
+            if out[0].steps != STEPS:
+                raise RuntimeError(f"{name}: {out[0].steps} loop iterations, expected {STEPS}")
+            fwd = sum(e - t for t, e in zip(clock.t[1:], clock.ends[1:])) / (STEPS - 1)
+            return dict(prefill=clock.ends[0] - clock.t[0], decode=end - clock.t[1], forward=fwd, wall=end - t0)
+
+        runs = session.repeat(once)
+        model._forward_pre_hooks.clear(); model._forward_hooks.clear()
+        ref = REFERENCE_S1[name]
+        label = f"({'a' if name == 'tiny' else 'b'}) {'dev fixture llm/' if name == 'tiny' else '~100M'}"
+        decode = Stats.metric(runs, "decode")
+        rows += [
+            (label, Metric("prefill forward (ms)", Stats.metric(runs, "prefill").scaled(1e3), ref["prefill_ms"], 2)),
+            (label, Metric("decode steps/s", decode.inverse(STEPS - 1), ref["steps_s"], 1, higher_is_better=True)),
+            (label, Metric("decode ms/step (incl. sampling)", decode.scaled(1e3 / (STEPS - 1)), ref["ms_step"], 2)),
+            (label, Metric("  of which model forward (ms)", Stats.metric(runs, "forward").scaled(1e3),
+                           ref["forward_ms"], 2)),
+            (label, Metric("generate() wall, 128 steps (s)", Stats.metric(runs, "wall"), ref["wall_s"], 3)),
+        ]
+        params = sum(p.numel() for p in model.parameters())
+        notes.append(f"{label}: params {params:,} (reference {ref['params']:,}), prompt {len(prompt)} positions; "
+                     f"{common.contention(runs)}")
+    common.side_by_side("REFERENCE_PERF §1: LLM generate loop, output both, greedy, 128 iterations, batch 1", rows,
+                        note="\n".join(notes) + "\n(generate() wall: ours excludes prompt building and text "
+                                                 "detokenizing, which the reference includes)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_arguments(ap, reps=5)
+    ap.add_argument("--configs", default=None, help="tiny,100m (default; --quick: tiny)")
+    ap.add_argument("--batches", default=None, help="engine-vs-naive batch sizes (default 1,8; --quick: 1)")
+    ap.add_argument("--naive-reps", type=int, default=3, help="runs of the engine-vs-naive rows (default 3)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the engine-vs-naive rows")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    common.setup(args)
+    configs = (args.configs or ("tiny" if args.quick else "tiny,100m")).split(",")
+    session = common.Session(args)
+    reference_side_by_side(session, configs, args.device)
+    if not args.no_naive:
+        extra = argparse.Namespace(**vars(args))
+        extra.reps = 1 if args.quick else args.naive_reps
+        extra.batches = args.batches or ("1" if args.quick else "1,8")
+        engine_vs_naive(extra, configs)
+    session.close()
 
 
 if __name__ == "__main__":

@@ -1,25 +1,60 @@
-"""Detokenizer speed on this machine: real-time factor and first-chunk latency, DiT vs vocoder.
+"""Streaming detokenizer speed (REFERENCE_PERF.md §2) side by side with the official code, then extra rows.
 
-Runs the streaming detokenizer (release chunking: 30-token chunks, 12-token look-ahead) on random
-semantic ids with random weights, for the reference fixture's tiny sizes and for a ~50M-parameter DiT with
-the `small` BigVGAN, at 30 and 10 ODE steps. Prints figures; never asserts.
+Side-by-side rows, exactly the reference's configs and input: 300 semantic ids drawn uniformly from
+[0, vocab) (seeded), streamed in the release schedule (first chunk 30 tokens, then 30, look-ahead 12,
+upsample x4, KV cache capped at 900 frames, neural_ode_euler) at 30 and 10 ODE steps, for
+  (a) the dev fixture folder `detokenizer/` (tiny DiT + tiny BigVGAN, loaded from disk);
+  (b) a ~50M DiT (hidden 512, depth 8, 8 heads, mlp 4.0, vocab 16384; random weights drawn like the fixture
+      generator) + a small BigVGAN (rates [5,4,4,3,2], kernels [9,8,8,5,4], 256 channels, resblocks
+      [3,7,11] x [1,3,5]; snakebeta, no tanh/bias at the end; its own random init).
+Figures: total, DiT and vocoder seconds and their RTF (compute s / 24.0 s of audio), first-chunk latency =
+wall time from the start to the return of the first push (the first 0.72 s of audio) [DiT + vocoder].
+DiT time = the DiT's forward calls (ODE evaluations + cache fills); vocoder time = its forward calls.
 
-    .venv/bin/python bench/detokenizer.py [--tokens 100] [--threads 2] [--device cpu] [--dtype float32]
+Extra rows after them: the `small` DiT/BigVGAN presets (what we train; DiT depth 9, vocoder rates
+[8,5,4,3]) on the same input.
 
-RTF = compute seconds / seconds of audio produced (< 1 is faster than real time). "first chunk" is the wall
-time of the first `push`, i.e. the latency before the first samples can be played.
+    python -m bench.detokenizer [--threads 2] [--reps 5] [--quick] [--steps 30,10] [--extras small/small|none]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from kimia.detokenizer.bigvgan import BigVGAN, BigVGANConfig
-from kimia.detokenizer.dit import DiT, DiTConfig
-from kimia.detokenizer.stream import StreamConfig, StreamingDetokenizer
+from bench import common
+from bench.common import Metric, Stats
+
+TOKENS = 300
+AUDIO_S = TOKENS / 12.5  # 24.0 s
+# Emitted chunk sizes (samples) of the reference for 300 tokens (REFERENCE_PERF.md §2, "Work per run").
+REFERENCE_CHUNKS = [17280, 34560, 80640, 34560, 80640, 34560, 80640, 34560, 80640, 97920]
+
+# REFERENCE_PERF.md §2 "Streaming detokenizer": medians; (config, ODE steps) -> figures.
+# (b) at 30 steps had two series; series 1 (5 runs) is the comparison figure, series 2 (3 runs, fresh
+# process) is kept for the note: total 42.46, DiT 36.15, vocoder 6.24, first chunk 2.523 [2.349 + 0.173].
+REFERENCE_S2 = {
+    ("fixture", 30): dict(total=2.49, rtf=0.104, dit=0.76, dit_rtf=0.032, voc=1.70, voc_rtf=0.071, first=0.094,
+                          first_dit=0.049, first_voc=0.045, dit_calls=299),
+    ("fixture", 10): dict(total=1.93, rtf=0.080, dit=0.29, dit_rtf=0.012, voc=1.65, voc_rtf=0.069, first=0.072,
+                          first_dit=0.019, first_voc=0.050, dit_calls=99),
+    ("50m", 30): dict(total=46.83, rtf=1.951, dit=39.85, dit_rtf=1.660, voc=6.58, voc_rtf=0.274, first=3.160,
+                      first_dit=2.862, first_voc=0.297, dit_calls=299),
+    ("50m", 10): dict(total=18.18, rtf=0.758, dit=12.14, dit_rtf=0.506, voc=6.00, voc_rtf=0.250, first=1.007,
+                      first_dit=0.830, first_voc=0.177, dit_calls=99),
+}
+REFERENCE_PARAMS = {"fixture": (221_264, 49_977), "50m": (47_201_360, 3_292_273)}  # vocoder: weight_g unfolded
+DIT_50M = dict(semantic_vocab_size=16384, hidden_size=512, depth=8, num_heads=8, mlp_ratio=4.0)
+BIGVGAN_SMALL = dict(upsample_rates=[5, 4, 4, 3, 2], upsample_kernel_sizes=[9, 8, 8, 5, 4],
+                     upsample_initial_channel=256, resblock_kernel_sizes=[3, 7, 11],
+                     resblock_dilation_sizes=[[1, 3, 5]] * 3, use_tanh_at_final=False, use_bias_at_final=False)
 
 
 class _Timer:
@@ -43,58 +78,129 @@ class _Timer:
         self.total += time.perf_counter() - self._t0
 
 
-def _build(dit_name: str, voc_name: str, device, dtype):
-    torch.manual_seed(0)
-    dit = DiT(DiTConfig.from_name(dit_name)).to(device, dtype).eval()
-    voc = BigVGAN(BigVGANConfig.from_name(voc_name)).to(device, dtype).eval()
+def build(name: str, device: torch.device, dtype: torch.dtype):
+    """-> (DiT, vocoder) for 'fixture' (loaded from the fixture folder), '50m' or a 'dit/vocoder' preset pair."""
+    from kimia.detokenizer import BigVGAN, BigVGANConfig, DiT, DiTConfig, load_dit, load_vocoder
+
+    if name == "fixture":
+        root = common.fixture("detokenizer")
+        return load_dit(root / "audio_detokenizer", device, dtype), load_vocoder(root / "vocoder", device, dtype)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the vocoder's own init
+    if name == "50m":
+        dit_cfg, voc_cfg = DiTConfig(**DIT_50M), BigVGANConfig(**BIGVGAN_SMALL)
+    else:
+        dit_name, voc_name = name.split("/")
+        dit_cfg, voc_cfg = DiTConfig.from_name(dit_name), BigVGANConfig.from_name(voc_name)
+    dit = common.randomize_(DiT(dit_cfg), g).to(device, dtype).eval().requires_grad_(False)
+    voc = BigVGAN(voc_cfg).to(device, dtype).eval().requires_grad_(False)
     return dit, voc
 
 
-def run(dit_name: str, voc_name: str, n_tokens: int, steps: int, device, dtype) -> dict:
-    dit, voc = _build(dit_name, voc_name, device, dtype)
-    det = StreamingDetokenizer(dit, voc, StreamConfig(ode_steps=steps), generator=torch.Generator().manual_seed(0))
+def time_config(name: str, steps: int, n_tokens: int, session: common.Session, device, dtype, reps=None) -> dict:
+    from kimia.detokenizer import StreamConfig, StreamingDetokenizer
+
+    dit, voc = build(name, device, dtype)
     t_dit, t_voc = _Timer(dit, device), _Timer(voc, device)
     tokens = torch.randint(0, dit.cfg.semantic_vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(1))
-    cfg = det.config
-    samples, first = 0, None
-    t0 = time.perf_counter()
-    for i, start in enumerate([0, *range(cfg.first_chunk_size, n_tokens, cfg.chunk_size)]):
-        end = cfg.first_chunk_size if i == 0 else start + cfg.chunk_size
-        wav = det.push(tokens[start:end], is_final=end >= n_tokens)
-        samples += wav.shape[-1]
-        if first is None:
-            first = time.perf_counter() - t0
-    total = time.perf_counter() - t0
-    audio_s = samples / 24000
-    n_params = sum(p.numel() for p in dit.parameters()), sum(p.numel() for p in voc.parameters())
-    return dict(total=total, first=first, audio=audio_s, dit=t_dit.total, voc=t_voc.total, params=n_params,
-                dit_calls=det.stats.dit_calls, chunks=det.stats.chunks)
+    seed = [0]
+    chunks: list[int] = []
+
+    def once() -> dict[str, float]:
+        seed[0] += 1  # per-run seeded noise, as the reference
+        det = StreamingDetokenizer(dit, voc, StreamConfig(ode_steps=steps), generator=torch.Generator().manual_seed(seed[0]))
+        cfg = det.config
+        calls0 = det.stats.dit_calls
+        t_dit.total = t_voc.total = 0.0
+        chunks.clear()
+        first = first_dit = first_voc = 0.0
+        starts = [0, *range(cfg.first_chunk_size, n_tokens, cfg.chunk_size)]
+        t0 = time.perf_counter()
+        for i, start in enumerate(starts):  # the `detokenize` schedule, pushed call by call
+            end = cfg.first_chunk_size if i == 0 else start + cfg.chunk_size
+            wav = det.push(tokens[start:end], is_final=end >= n_tokens)
+            chunks.append(int(wav.shape[-1]))
+            if i == 0:
+                first, first_dit, first_voc = time.perf_counter() - t0, t_dit.total, t_voc.total
+        total = time.perf_counter() - t0
+        return dict(total=total, dit=t_dit.total, voc=t_voc.total, first=first, first_dit=first_dit,
+                    first_voc=first_voc, audio=sum(chunks) / det.sample_rate, dit_calls=det.stats.dit_calls - calls0)
+
+    runs = session.repeat(once, reps)
+    params = (sum(p.numel() for p in dit.parameters()), sum(p.numel() for p in voc.parameters()))
+    return dict(runs=runs, params=params, chunks=list(chunks))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=100, help="semantic tokens per utterance (12.5 per second)")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave default)")
+def rows_for(label: str, r: dict, ref: dict) -> list[tuple[str, Metric]]:
+    """Side-by-side lines of one (config, steps): (name, our metric key, reference key, per audio second)."""
+    runs = r["runs"]
+    audio = runs[0].metrics["audio"]
+    spec = [("total (s)", "total", "total", False), ("RTF", "total", "rtf", True), ("DiT (s)", "dit", "dit", False),
+            ("DiT RTF", "dit", "dit_rtf", True), ("vocoder (s)", "voc", "voc", False),
+            ("vocoder RTF", "voc", "voc_rtf", True), ("first-chunk latency (s)", "first", "first", False),
+            ("  of which DiT (s)", "first_dit", "first_dit", False),
+            ("  of which vocoder (s)", "first_voc", "first_voc", False)]
+    out = []
+    for name, key, ref_key, per_audio in spec:
+        s = Stats.metric(runs, key)
+        out.append((label, Metric(name, s.scaled(1 / audio) if per_audio else s, ref.get(ref_key),
+                                  2 if name.endswith("(s)") and not key.startswith("first") else 3)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_arguments(ap, reps=5)
+    ap.add_argument("--steps", default=None, help="ODE step counts (default 30,10; --quick: 10)")
+    ap.add_argument("--tokens", type=int, default=None, help=f"semantic ids per utterance (default {TOKENS}; "
+                                                             "--quick: 45 = a first chunk and a final one)")
+    ap.add_argument("--extras", default="default", help="extra dit/vocoder preset pairs after the reference rows "
+                                                        "(default small/small; --quick: none), or none")
+    ap.add_argument("--large-reps", type=int, default=3, help="timed runs for the ~50M rows (default 3)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--sizes", default="tiny/tiny,small/small", help="comma list of dit/vocoder preset pairs")
-    ap.add_argument("--steps", default="30,10")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = ap.parse_args(argv)
+    common.setup(args)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} tokens={args.tokens} "
-          f"({args.tokens / 12.5:.1f} s of audio), chunks of 30 tokens, look-ahead 12")
-    header = f"{'DiT/vocoder':<14}{'params M':>14}{'steps':>6}{'RTF':>7}{'DiT RTF':>9}{'voc RTF':>9}{'1st chunk s':>12}{'calls':>7}"
-    print(header)
-    print("-" * len(header))
-    for pair in args.sizes.split(","):
-        dit_name, voc_name = pair.split("/")
-        for steps in (int(s) for s in args.steps.split(",")):
-            r = run(dit_name, voc_name, args.tokens, steps, device, dtype)
-            params = f"{r['params'][0] / 1e6:.1f}+{r['params'][1] / 1e6:.1f}"
-            print(f"{pair:<14}{params:>14}{steps:>6}{r['total'] / r['audio']:>7.3f}{r['dit'] / r['audio']:>9.3f}"
-                  f"{r['voc'] / r['audio']:>9.3f}{r['first']:>12.3f}{r['dit_calls']:>7}")
+    n_tokens = args.tokens or (45 if args.quick else TOKENS)
+    steps = [int(s) for s in (args.steps or ("10" if args.quick else "30,10")).split(",")]
+    session = common.Session(args)
+    print(f"device {device}, dtype {args.dtype}, {n_tokens} tokens ({n_tokens / 12.5:.1f} s of audio), chunks of 30, "
+          f"look-ahead 12, KV cache cap 900 frames", flush=True)
+    exact = n_tokens == TOKENS and device.type == "cpu" and dtype == torch.float32
+    rows, notes = [], []
+    for name in (("fixture",) if args.quick else ("fixture", "50m")):
+        for n_steps in steps:
+            reps = min(args.reps, args.large_reps) if name == "50m" else None
+            r = time_config(name, n_steps, n_tokens, session, device, dtype, reps)
+            ref = REFERENCE_S2.get((name, n_steps), {}) if exact else {}
+            label = f"({'a' if name == 'fixture' else 'b'}) {name} {n_steps} steps"
+            rows += rows_for(label, r, ref)
+            sched = "" if n_tokens != TOKENS else f", chunk sizes == reference: {r['chunks'] == REFERENCE_CHUNKS}"
+            rp = REFERENCE_PARAMS[name]
+            notes.append(f"{label}: params DiT {r['params'][0]:,} (ref {rp[0]:,}) + vocoder {r['params'][1]:,} "
+                         f"(ref {rp[1]:,} incl. unfolded weight_g), DiT calls {int(r['runs'][0].metrics['dit_calls'])}"
+                         f" (ref {ref.get('dit_calls', '-')}){sched}; {common.contention(r['runs'])}")
+    common.side_by_side(f"REFERENCE_PERF §2: streaming detokenizer, {n_tokens} uniform tokens"
+                        + ("" if exact else " (not the reference input: no reference figures)"), rows,
+                        note="\n".join(notes))
+    extras = ([] if args.quick else ["small/small"]) if args.extras == "default" else \
+        [e for e in args.extras.split(",") if e and e != "none"]
+    extra = []
+    for pair in extras:
+        for n_steps in steps:
+            r = time_config(pair, n_steps, n_tokens, session, device, dtype, reps=min(args.reps, args.large_reps))
+            runs = r["runs"]
+            audio = runs[0].metrics["audio"]
+            f = {k: Stats.metric(runs, k).median for k in ("total", "dit", "voc", "first")}
+            extra.append([pair, f"{r['params'][0] / 1e6:.1f}+{r['params'][1] / 1e6:.1f}", n_steps,
+                          f"{f['total'] / audio:.3f}", f"{f['dit'] / audio:.3f}", f"{f['voc'] / audio:.3f}",
+                          f"{f['first']:.3f}", int(runs[0].metrics["dit_calls"]), sum(x.contended for x in runs)])
+    if extra:
+        common.print_table("extra rows: our DiT/BigVGAN presets (same input; no reference figure)",
+                           ["DiT/vocoder", "params M", "steps", "RTF", "DiT RTF", "voc RTF", "1st chunk s",
+                            "DiT calls", "contended"], extra)
+    session.close()
 
 
 if __name__ == "__main__":
