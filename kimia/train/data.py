@@ -165,6 +165,17 @@ def read_manifests(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
     return out
 
 
+def match_length(feats: torch.Tensor, n: int, slack: int = 2) -> torch.Tensor:
+    """Features [N', D] cut to the n semantic ids of the span; up to `slack` missing frames (rounding at the
+    end of the audio between the two encoders) are filled by repeating the last frame."""
+    feats = feats[0] if feats.dim() == 3 else feats
+    if feats.shape[0] >= n:
+        return feats[:n]
+    if n - feats.shape[0] <= slack:
+        return torch.cat([feats, feats[-1:].expand(n - feats.shape[0], -1)])
+    raise PromptError(f"{feats.shape[0]} feature frames for {n} semantic ids: the two encoders disagree on length")
+
+
 def output_type_of(task_type: str | None) -> str:
     return "text" if task_type in (None, "understanding", "asr", "text") else "both"
 
@@ -188,6 +199,8 @@ class ManifestLMDataset:
                 got = self.audio.get(m["content"])
                 for k, v in got.items():
                     m.setdefault(k, v)
+            if m.get("message_type") == "audio" and m.get("features") is not None and m.get("audio_tokens") is not None:
+                m["features"] = match_length(m["features"], len(m["audio_tokens"]))
             msgs.append(m)
         try:
             pb = self.builder.build(msgs, output_type=output_type_of(rec.get("task_type")), add_assistant_start=False)

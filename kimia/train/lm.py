@@ -59,6 +59,7 @@ class LoRASpec:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["*.self_attn.q_proj", "*.self_attn.v_proj"])
+    freeze_base: bool = True  # True: only adapters train; False: only the adapted layers' weights freeze
 
 
 @dataclass
@@ -179,7 +180,8 @@ class LMRecipe(Recipe):
             logger.info("froze %d parameter tensors (%s)", len(frozen), ", ".join(self.cfg.freeze))
         lora = self.cfg.lora
         if lora.enabled:
-            apply_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, seed=self.cfg.train.seed)
+            apply_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, seed=self.cfg.train.seed,
+                       freeze_base=lora.freeze_base)
             self._scales = lora_scales(model)
         if self.cfg.freeze_embedding_rows_below > 0:
             w = model.model.embed_tokens.weight

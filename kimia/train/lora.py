@@ -96,7 +96,8 @@ def apply_lora(model: nn.Module, targets: list[str], r: int = 8, alpha: float = 
                *, seed: int = 0, freeze_base: bool = True) -> list[str]:
     """Replace every Linear whose qualified name matches one of the glob `targets` (e.g. "*.q_proj",
     "model.layers.*.mlp.*") by a `LoRALinear`. With `freeze_base`, every non-adapter parameter of the model
-    stops requiring grad. Returns the adapted module names; raises ConfigError when nothing matched."""
+    stops requiring grad; without it only the adapted layers' own weight and bias are frozen (the rest of the
+    model keeps its requires_grad). Returns the adapted module names; raises ConfigError when nothing matched."""
     g = torch.Generator().manual_seed(seed)
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and any(fnmatch.fnmatchcase(n, t) for t in targets)]
@@ -107,6 +108,12 @@ def apply_lora(model: nn.Module, targets: list[str], r: int = 8, alpha: float = 
     if freeze_base:
         for pn, p in model.named_parameters():
             p.requires_grad_(pn.rsplit(".", 1)[-1] in LORA_KEYS)
+    else:
+        for n in names:
+            m = model.get_submodule(n)
+            m.weight.requires_grad_(False)
+            if m.bias is not None:
+                m.bias.requires_grad_(False)
     logger.info("LoRA r=%d alpha=%g on %d layers", r, alpha, len(names))
     return names
 
