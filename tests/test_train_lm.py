@@ -246,3 +246,77 @@ def test_smollm2_conversion_matches_transformers_llama(tmp_path):
     assert sp == SpecialTokens.from_config(cfg.to_dict(), tok)
     assert (sp.pad, sp.token_offset, cfg.vocab_size) == (49152 + 420, 49152 + 421, 49152 + 421 + 64)
     assert tok.decode([sp.media_begin]) == "<|im_media_begin|>"
+
+
+def test_manifest_dataset_with_cached_frozen_encoder(tmp_path):
+    """Official finetune jsonl -> prompts; features from a frozen encoder computed once into the cache."""
+    import numpy as np
+    import soundfile as sf
+
+    from kimia.prompt import PromptBuilder
+    from kimia.train.data import AudioCache, IdTokenizer, ManifestLMDataset, read_manifests
+
+    (tmp_path / "audio").mkdir()
+    sf.write(tmp_path / "audio" / "a.wav", np.random.default_rng(0).standard_normal(16000).astype("float32") * 0.1, 16000)
+    recs = [
+        {"task_type": "understanding", "conversation": [
+            {"role": "user", "message_type": "text", "content": "3 4 5"},
+            {"role": "user", "message_type": "audio", "content": "audio/a.wav", "audio_tokens": list(range(706, 718))},
+            {"role": "assistant", "message_type": "text", "content": "7 8"}]},
+        {"task_type": "speech2speech", "conversation": [
+            {"role": "user", "message_type": "audio", "content": "audio/a.wav", "audio_tokens": list(range(706, 719))}]},
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    calls = []
+
+    def encoder(wave: torch.Tensor) -> torch.Tensor:  # frozen "encoder": 12 frames of 256 values
+        calls.append(1)
+        return wave[: 12 * 256].reshape(1, 12, 256)
+
+    tok = IdTokenizer(285)
+    from kimia.tokens import SpecialTokens
+
+    sp = SpecialTokens.from_tokenizer(tok, token_offset=706)
+    cache = AudioCache(token_offset=706, features=encoder, cache_dir=tmp_path / "cache")
+    ds = ManifestLMDataset(read_manifests([tmp_path / "m.jsonl"]), PromptBuilder(tok, sp), audio=cache)
+    a, b = ds[0], ds[1]
+    assert len(calls) == 1 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert sp.speech_ct in a.audio_ids.tolist() and sp.speech_ctd in b.audio_ids.tolist()  # task -> output type
+    assert a.features[0].shape == (12, 256) and b.features[0].shape == (13, 256)  # 1 frame short: repeated
+    torch.testing.assert_close(b.features[0][12], b.features[0][11])
+    again = ManifestLMDataset(read_manifests([tmp_path / "m.jsonl"]), PromptBuilder(tok, sp), audio=cache)[0]
+    assert len(calls) == 1 and torch.equal(again.features[0], a.features[0])
+    batch = LMRecipe(LMTrainConfig()).collate([a, b])
+    assert batch.continuous.shape == (2, batch.audio_ids.shape[1], 256)
+    assert int(batch.continuous_mask.sum()) == 25
+
+
+def test_truncation_never_cuts_an_audio_span():
+    from kimia.train.data import truncate_prompt
+
+    ds = SyntheticLMDataset(3, num_base_tokens=285, token_offset=706, audio_vocab=1024, adaptor_dim=256)
+    pb = ds[2]  # user audio span, assistant text, assistant audio span
+    start, n = pb.spans[1]
+    cut = truncate_prompt(pb, start + 2)
+    assert len(cut) == start - 1 and len(cut.features) == 1 and cut.spans == pb.spans[:1]
+    assert truncate_prompt(pb, len(pb)) is pb
+
+
+def test_lora_without_freeze_base_keeps_other_params_trainable():
+    from kimia.lm.config import AudioLMConfig
+    from kimia.lm.model import AudioLM
+
+    model = AudioLM(AudioLMConfig.from_name("tiny"))
+    names = apply_lora(model, ["model.layers.*.self_attn.q_proj"], r=2, freeze_base=False)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n in names:
+        assert not grads[f"{n}.weight"] and grads[f"{n}.lora_A"] and grads[f"{n}.lora_B"]
+    assert grads["model.layers.0.self_attn.k_proj.weight"] and grads["mimo_output.weight"]
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=12", "data.synthetic=4", "train.micro_batch=4", "train.precision=bf16")
+    trainer, hist = train_lm(cfg)
+    assert trainer.autocast_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.raw_model.parameters())  # fp32 master weights
+    assert hist[-1]["loss"] < hist[0]["loss"]
