@@ -1,4 +1,5 @@
-"""`torchrun --nproc_per_node 2` (gloo, CPU, DDP) equals one process with the same global batch."""
+"""`torchrun --nproc_per_node 2` (gloo, CPU; DDP, and FSDP2 as a slow variant) equals one process with the
+same global batch."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -20,12 +22,13 @@ COMMON = ["train.steps=4", "data.synthetic=8", "train.micro_batch=1", "train.sav
           "train.resume=false"]
 
 
-def test_two_process_ddp_equals_single_process(tmp_path):
-    out2 = tmp_path / "ddp"
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_process_run_equals_single_process(tmp_path, parallel):
+    out2 = tmp_path / parallel
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "kimia.train.cli", "lm", "--config", str(TINY), f"train.out_dir={out2}", "train.grad_accum=2",
-           "train.parallel=ddp", *COMMON]
+           f"train.parallel={parallel}", *COMMON]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
