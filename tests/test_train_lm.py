@@ -320,3 +320,43 @@ def test_bf16_autocast_on_cpu_trains(tmp_path):
     assert trainer.autocast_dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.raw_model.parameters())  # fp32 master weights
     assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_trainer_runs_multi_phase_recipes(tmp_path):
+    """The GAN-style plug-in: one optimizer per phase, each phase steps only its own parameters."""
+    from torch import nn
+
+    from kimia.train.common import LossOutput, Recipe
+    from kimia.train.config import OptimConfig, TrainConfig
+
+    class ToyGAN(Recipe):
+        phases = ("disc", "gen")
+
+        def build_model(self, device):
+            return nn.ModuleDict({"gen": nn.Linear(4, 4), "disc": nn.Linear(4, 1)}).to(device)
+
+        def dataset(self):
+            return [torch.randn(4, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+
+        def collate(self, items):
+            return torch.stack(items)
+
+        def phase_parameters(self, model, phase):
+            return list(model[phase].named_parameters())
+
+        def loss(self, model, x, phase):
+            fake = model["gen"](x)
+            if phase == "disc":
+                return LossOutput(F.softplus(model["disc"](fake.detach())).mean() + F.softplus(-model["disc"](x)).mean(),
+                                  tokens=x.shape[0])
+            return LossOutput(F.softplus(-model["disc"](fake)).mean(), tokens=x.shape[0])
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "gan"), steps=3, micro_batch=2, grad_accum=2, log_every=0)
+    trainer = Trainer(ToyGAN(), cfg, OptimConfig(lr=1e-2))
+    before = params(trainer.raw_model)
+    hist = trainer.fit()
+    assert {"loss/disc", "loss/gen"} <= set(hist[-1])
+    after = params(trainer.raw_model)
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+    ids = {ph: {id(p) for g in o.param_groups for p in g["params"]} for ph, o in trainer.optimizers.items()}
+    assert ids["disc"] == {id(p) for p in trainer.raw_model["disc"].parameters()} and not ids["disc"] & ids["gen"]

@@ -197,6 +197,9 @@ class LMRecipe(Recipe):
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def fsdp_modules(self, model: nn.Module) -> list[nn.Module]:
+        if self.cfg.freeze_embedding_rows_below > 0:
+            # the row mask is a hook on the embedding Parameter, which fully_shard replaces by a DTensor
+            raise ConfigError("freeze_embedding_rows_below is not supported with train.parallel=fsdp (use ddp)")
         return [*model.model.layers, *model.model.mimo_layers]
 
     # ---- data --------------------------------------------------------------------------------------------
