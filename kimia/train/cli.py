@@ -27,20 +27,22 @@ class RecipeEntry:
     help: str
 
 
-def _lm_config():
-    from kimia.train.lm import LMTrainConfig
+def _lazy(module: str, config_name: str, run_name: str, help: str) -> RecipeEntry:
+    """An entry whose recipe module is imported only when that recipe runs (keeps `kimia --help` fast)."""
+    import importlib
 
-    return LMTrainConfig
-
-
-def _lm_run(cfg):
-    from kimia.train.lm import train_lm
-
-    return train_lm(cfg)
+    return RecipeEntry(lambda: getattr(importlib.import_module(module), config_name),
+                       lambda cfg: getattr(importlib.import_module(module), run_name)(cfg), help)
 
 
 RECIPES: dict[str, RecipeEntry] = {
-    "lm": RecipeEntry(_lm_config, _lm_run, "the audio LLM (adaptor, trunk, audio branch; freeze / LoRA options)"),
+    "lm": _lazy("kimia.train.lm", "LMTrainConfig", "train_lm",
+                "the audio LLM (adaptor, trunk, audio branch; freeze / LoRA options)"),
+    "vq": _lazy("kimia.train.vq", "VQTrainConfig", "train_vq",
+                "the semantic VQ tokenizer (ASR objective on the pretrained encoder)"),
+    "dit": _lazy("kimia.train.dit", "DiTTrainConfig", "train_dit", "the flow-matching DiT detokenizer"),
+    "vocoder": _lazy("kimia.train.vocoder", "VocoderTrainConfig", "train_vocoder",
+                     "the BigVGAN vocoder (multi-resolution STFT + mel + adversarial losses)"),
 }
 
 
