@@ -192,16 +192,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     # Faces of the other sub-packages: each module adds its own arguments; heavy imports happen when it runs.
-    from kimia.data.cli import add_data_parser, run_data_cli
-    from kimia.eval.cli import add_eval_parser
-    from kimia.server.cli import add_serve_parser
-    from kimia.train.cli import add_train_parser, run_train_cli
-
-    add_serve_parser(sub)
-    add_eval_parser(sub)
-    add_data_parser(sub).set_defaults(func=run_data_cli)
-    add_train_parser(sub).set_defaults(func=run_train_cli)
+    # They live in optional extras, so a base install still has a working `kimia` (demo, transcribe, chat).
+    _add_face(sub, "serve", "serve", "kimia.server.cli", "add_serve_parser", None,
+              "OpenAI-compatible HTTP API, realtime websocket and web page")
+    _add_face(sub, "eval", "eval", "kimia.eval.cli", "add_eval_parser", None,
+              "evaluate a model on manifests in the official kit's layout")
+    _add_face(sub, "data", "data", "kimia.data.cli", "add_data_parser", "run_data_cli",
+              "build training/evaluation data (synthetic speech corpus)")
+    _add_face(sub, "train", "train", "kimia.train.cli", "add_train_parser", "run_train_cli",
+              "train a component (runs under torchrun as well)")
     return parser
+
+
+def _add_face(sub, name: str, extra: str, module: str, adder: str, runner: str | None, help: str) -> None:
+    """Register the sub-command `name` from `module`, or a stand-in that names the missing extra."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+        p = getattr(mod, adder)(sub)
+        if runner is not None:
+            p.set_defaults(func=getattr(mod, runner))
+    except ImportError as e:
+        missing = e.name or str(e)
+        p = sub.add_parser(name, help=f"{help} (needs: pip install 'kimia[{extra}]')", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+        def unavailable(_args, _missing=missing):
+            print(f"kimia {name}: the '{extra}' extra is not installed (missing module {_missing!r}); "
+                  f"install it with: pip install 'kimia[{extra}]'", file=sys.stderr)
+            return EXIT_USAGE
+
+        p.set_defaults(func=unavailable)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
