@@ -294,13 +294,13 @@ class TextTokenizer:
     # ---- constructors -------------------------------------------------------------------------------------
     @classmethod
     def from_files(cls, rank_file: str | os.PathLike, specials: Mapping[str, int] | None = None, *,
-                   special_base: int | None = None) -> "TextTokenizer":
+                   special_base: int | None = None, pattern: str = QWEN2_PATTERN) -> "TextTokenizer":
         """A rank file plus an explicit special table, or the release order starting at `special_base`
-        (default: right after the last rank)."""
+        (default: right after the last rank); `pattern` is the pre-tokenisation regex (Qwen2's by default)."""
         ranks = read_tiktoken_ranks(rank_file)
         if specials is None:
             specials = release_special_table(len(ranks) if special_base is None else special_base)
-        return cls(ranks, specials)
+        return cls(ranks, specials, pattern=pattern)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "TextTokenizer":
@@ -377,7 +377,8 @@ def load_tokenizer(spec: Mapping[str, Any] | str | os.PathLike | None, root: str
     `{"type": "tiktoken", "file": <rank file, relative to root>, "specials": ...}` where `specials` is
     `"release"` (release order after the last rank), `{"base": id}` (release order from `id`), a dict
     token -> id, or the name of a `tokenizer_config.json`; without `specials` a `tokenizer_config.json`
-    beside the rank file is used if present, else the release order after the last rank.
+    beside the rank file is used if present, else the release order after the last rank. An optional
+    `"pattern"` gives the pre-tokenisation regex of another vocabulary (default: Qwen2's).
     """
     base = Path(root) if root is not None else Path(".")
     if spec is None or spec == "release":
@@ -394,18 +395,22 @@ def load_tokenizer(spec: Mapping[str, Any] | str | os.PathLike | None, root: str
     if "file" not in spec:
         raise ConfigError("tiktoken tokenizer spec needs a 'file' (the rank file)")
     rank_file = base / spec["file"]
+    pattern = spec.get("pattern", QWEN2_PATTERN)
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError("tiktoken tokenizer spec 'pattern' must be a non-empty regex string")
     sp = spec.get("specials")
     if sp is None:
         cfg = rank_file.parent / "tokenizer_config.json"
-        return TextTokenizer.from_files(rank_file, read_added_tokens(cfg) if cfg.is_file() else None)
+        specials = read_added_tokens(cfg) if cfg.is_file() else None
+        return TextTokenizer.from_files(rank_file, specials, pattern=pattern)
     if sp == "release":
-        return TextTokenizer.from_files(rank_file)
+        return TextTokenizer.from_files(rank_file, pattern=pattern)
     if isinstance(sp, str):
-        return TextTokenizer.from_files(rank_file, read_added_tokens(base / sp))
+        return TextTokenizer.from_files(rank_file, read_added_tokens(base / sp), pattern=pattern)
     if isinstance(sp, Mapping) and set(sp) == {"base"}:
-        return TextTokenizer.from_files(rank_file, special_base=int(sp["base"]))
+        return TextTokenizer.from_files(rank_file, special_base=int(sp["base"]), pattern=pattern)
     if isinstance(sp, Mapping):
-        return TextTokenizer.from_files(rank_file, {str(k): int(v) for k, v in sp.items()})
+        return TextTokenizer.from_files(rank_file, {str(k): int(v) for k, v in sp.items()}, pattern=pattern)
     raise ConfigError(f"cannot interpret tokenizer 'specials' entry of type {type(sp).__name__}")
 
 

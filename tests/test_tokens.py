@@ -142,3 +142,23 @@ def test_tokenizer_folder_with_added_tokens(tmp_path):
         TextTokenizer.from_folder(tmp_path / "missing")
     with pytest.raises(ConfigError, match="unknown tokenizer type"):
         load_tokenizer({"type": "sentencepiece", "file": "x"})
+
+
+def test_tokenizer_spec_pattern_selects_pre_tokenisation():
+    """A spec's "pattern" (another vocabulary's regex) is what splits the text, checked against tiktoken."""
+    import tiktoken
+
+    from kimia.tokens import QWEN2_PATTERN, load_tokenizer, qwen_rank_file, read_tiktoken_ranks
+
+    pattern = r"[^\s]+|\s+"
+    rank_file = qwen_rank_file()
+    tok = load_tokenizer({"type": "tiktoken", "file": str(rank_file), "specials": "release", "pattern": pattern})
+    oracle = tiktoken.Encoding(name="oracle", pat_str=pattern, mergeable_ranks=read_tiktoken_ranks(rank_file),
+                               special_tokens={})
+    text = "Hello world,  counting 123 items"
+    assert tok.encode(text) == oracle.encode_ordinary(text)
+    default = load_tokenizer({"type": "tiktoken", "file": str(rank_file), "specials": "release"})
+    assert default.encode(text) != tok.encode(text)  # the default is Qwen2's pattern
+    assert QWEN2_PATTERN != pattern
+    with pytest.raises(ConfigError):
+        load_tokenizer({"type": "tiktoken", "file": str(rank_file), "pattern": ""})

@@ -230,13 +230,7 @@ class LMRecipe(Recipe):
             import json
 
             spec, root = json.loads((self.init_folder / TOKENIZER_SPEC).read_text()), self.init_folder
-        if isinstance(spec, dict) and "pattern" in spec:  # load_tokenizer does not take a pattern (yet)
-            from kimia.tokens import TextTokenizer, read_added_tokens, read_tiktoken_ranks
-
-            tok = TextTokenizer(read_tiktoken_ranks(root / spec["file"]), read_added_tokens(root / spec["specials"]),
-                                pattern=spec["pattern"])
-        else:
-            tok = load_tokenizer(spec, root)
+        tok = load_tokenizer(spec, root)
         specials = SpecialTokens.from_config(c.to_dict(), tok)
         semantic = features = None
         if d.semantic_tokenizer:
