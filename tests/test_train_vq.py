@@ -147,3 +147,16 @@ def test_vq_trains_resumes_and_exports(tmp_path, corpus):
         batch = trainer.recipe.collate([trainer.data[3]])
         expect = model.encoder(batch.mel, batch.mask)
     assert torch.equal(ids[0], expect.ids[0][expect.mask[0]])
+
+
+def test_runs_through_the_train_cli(tmp_path, monkeypatch):
+    """`kimia train vq --config ... overrides` once the entry is registered (as kimia.train.cli expects)."""
+    from kimia.train import cli
+
+    monkeypatch.setitem(cli.RECIPES, "vq", cli.RecipeEntry(lambda: VQTrainConfig, train_vq, "semantic tokenizer"))
+    out = tmp_path / "run"
+    rc = cli.main(["vq", "--config", str(TINY), f"train.out_dir={out}", "train.steps=2", "train.save_every=0",
+                   "data.synthetic=4"])
+    assert rc == 0
+    assert load_semantic_tokenizer(out / "export").encoder.cfg.quantize_vocab_size == 64
+    assert cli.main(["vq", "--config", str(TINY), "model.codebook_size=many"]) == 2  # typed config error
