@@ -125,6 +125,13 @@ def test_vocoder_trains_resumes_and_exports(tmp_path):
     ref = trainer.raw_model.generator.eval()
     with torch.no_grad():
         torch.testing.assert_close(wav, ref(mel), atol=1e-5, rtol=1e-4)
+    # continuing from the exported folder: weight norm re-parametrised, same synthesis, trainable
+    again = VocoderRecipe(tiny_cfg(tmp_path / "c", f"model.generator={Path(cfg.train.out_dir) / 'export'}"))
+    gen = again.build_model(torch.device("cpu")).generator.eval()
+    assert all(p.requires_grad for p in gen.parameters())
+    assert any("parametrizations" in n for n, _ in gen.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(gen(mel), wav, atol=1e-5, rtol=1e-4)
 
 
 def test_recipe_routes_parameters_to_phases(tmp_path):

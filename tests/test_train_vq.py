@@ -160,3 +160,17 @@ def test_runs_through_the_train_cli(tmp_path, monkeypatch):
     assert rc == 0
     assert load_semantic_tokenizer(out / "export").encoder.cfg.quantize_vocab_size == 64
     assert cli.main(["vq", "--config", str(TINY), "model.codebook_size=many"]) == 2  # typed config error
+
+
+@pytest.mark.slow
+def test_packaged_whisper_base_start_uses_80_mels():
+    """The real starting point: the packaged Whisper base (CTranslate2), first 2 of 6 layers."""
+    recipe = VQRecipe(load_config(VQTrainConfig, ROOT / "configs" / "train" / "vq_small.yaml", ["model.layers=2"]))
+    assert (recipe.enc_cfg.num_mel_bins, recipe.enc_cfg.d_model, recipe.enc_cfg.quantize_position) == (80, 512, 2)
+    model = recipe.build_model(torch.device("cpu"))
+    ref = load_whisper_encoder("base").state_dict()
+    assert torch.equal(model.encoder.layers[1].fc2.weight, ref["layers.1.fc2.weight"])
+    assert torch.equal(model.encoder.conv1.weight, ref["conv1.weight"])
+    batch = recipe.collate([SyntheticToneASR(2)[i] for i in range(2)])
+    out = model(batch.mel, batch.mask, batch.labels, batch.label_lengths)
+    assert torch.isfinite(out["loss"]) and out["perplexity"] > 1
