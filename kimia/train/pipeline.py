@@ -1,0 +1,725 @@
+"""The end-to-end training pipeline: corpus -> every recipe -> one native model folder -> quick evaluation.
+
+`kimia train pipeline --config configs/pipeline/<name>.yaml [--stages ...] [--force ...]` runs, in order:
+
+  corpus    `kimia data synth` into <work>/corpus (or use an existing corpus folder as is)
+  whisper   the frozen Whisper encoder: a packaged one ("base": referenced by checksum in the model folder,
+            never copied) or a seeded random "preset:<name>" (tests), written in the HF folder layout
+  vq        `kimia train vq` on the corpus' 16 kHz speech (ASR objective) -> semantic tokenizer export
+  lm_init   the starting LLM: SmolLM2-135M converted (`init_smollm2`) or a random "preset:<name>" trunk
+            with SmolLM2's (or a given) text tokenizer; audio vocabulary = the VQ codebook, adaptor input =
+            4 x the Whisper width
+  tokenize  the finetune conversations with every audio message's semantic ids from the trained VQ
+            (`audio_tokens`), records whose prompt cannot be built (e.g. an answer longer than its audio
+            allows) dropped and counted; optionally the Whisper features precomputed into the LM's cache
+  lm        `kimia train lm` on the tokenized conversations (masked CE on both streams)
+  dit       `kimia train dit` on the spoken answers (one output voice) with the trained VQ's ids
+  vocoder   `kimia train vocoder` on the spoken answers
+  assemble  `kimia.train.assemble`: one `kimia.json` folder + model card under <work>/model
+  eval      `KimiAudio(folder)` answers one spoken question in text and speech (demo.wav), then
+            `kimia eval` on the corpus' held-out manifests; results go to the model card
+
+Every stage writes its outputs under <work>/<stage>/ and, when finished, a marker `<work>/<stage>/DONE.json`
+(with the fingerprint of the stage's resolved settings). A rerun skips finished stages, so it does no work;
+a killed run continues where it stopped (the synth resumes its items, the recipes resume from their
+checkpoints). `--force STAGE` reruns a finished stage: a training stage then continues from its last
+checkpoint, which is how a later session trains longer (raise `train.steps` in the stage's overrides).
+A finished stage whose settings changed is not redone silently: the run stops with a ConfigError naming it.
+
+Per-stage recipe settings are a recipe YAML (`configs/train/*.yaml`) plus dotted overrides; the pipeline
+sets the wiring (out_dir, export_dir, data paths, init folders, vocabulary sizes) first, so a stage's own
+overrides can still change any of it. Under `torchrun` every rank runs the training stages; the other stages
+run on rank 0 while the other ranks wait for their marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kimia.errors import ConfigError, KimiaError
+from kimia.train.config import apply_overrides, from_dict, load_config, to_dict
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("corpus", "whisper", "vq", "lm_init", "tokenize", "lm", "dit", "vocoder", "assemble", "eval")
+TRAIN_STAGES = ("vq", "lm", "dit", "vocoder")
+MARKER = "DONE.json"
+EVAL_RECIPES = {"asr": "asr", "spoken_qa": "audio_qa", "sound": "sound_event", "style": "emotion",
+                "dialogue": "conversation"}
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass
+class CorpusStage:
+    path: str | None = None  # an existing corpus folder: used as is, nothing synthesised
+    hours: float = 0.05
+    seed: int = 0
+    jobs: int = 0  # 0: every core
+    engines: list[str] = field(default_factory=list)  # empty: every engine that is installed
+    tasks: list[str] = field(default_factory=list)  # empty: every task
+    judge: bool = True
+    eval_fraction: float = 0.1
+    output_voice: str = "kokoro:jm_kumo"
+
+
+@dataclass
+class WhisperStage:
+    source: str = "base"  # packaged name (referenced by checksum), "preset:<name>" (random, tests) or a folder
+    seed: int = 0
+
+
+@dataclass
+class RecipeStage:
+    config: str | None = None  # recipe YAML (configs/train/*.yaml), relative to the cwd or the pipeline YAML
+    overrides: list[str] = field(default_factory=list)  # dotted overrides applied after the pipeline's wiring
+
+
+@dataclass
+class LMInitStage:
+    init: str = "smollm2"  # "smollm2" (pretrained, packaged) or "preset:<name>" (random trunk)
+    tokenizer: str = "smollm2"  # presets: "smollm2" (SmolLM2's vocabulary) or a tiktoken rank file path
+    mimo_layers: int = 6  # smollm2: audio-branch layers copied from the last trunk layers
+    overrides: dict[str, Any] = field(default_factory=dict)  # presets: AudioLMConfig overrides
+    seed: int = 0
+
+
+@dataclass
+class TokenizeStage:
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    features: bool = True  # precompute the frozen Whisper features into <work>/tokenize/features
+
+
+@dataclass
+class AssembleStage:
+    name: str = "kimia-model"
+    description: str = ""
+
+
+@dataclass
+class EvalStage:
+    tasks: list[str] = field(default_factory=lambda: ["asr", "spoken_qa", "sound"])
+    split: str = "eval"  # manifests <corpus>/manifests/<task>_<split>.jsonl; empty ones are skipped
+    limit: int = 50  # items per task
+    max_new_tokens: int = 64
+    demo: bool = True  # one spoken question answered in text + speech -> <work>/eval/demo.wav
+    seed: int = 0
+
+
+@dataclass
+class PipelineConfig:
+    work_dir: str = "runs/pipeline"
+    stages: list[str] = field(default_factory=list)  # empty: every stage, in order
+    device: str | None = None  # train.device of every recipe (None: as each recipe config says)
+    max_steps_this_run: int = 0  # > 0: every training stage stops (with a checkpoint) after this many steps
+    corpus: CorpusStage = field(default_factory=CorpusStage)
+    whisper: WhisperStage = field(default_factory=WhisperStage)
+    vq: RecipeStage = field(default_factory=RecipeStage)
+    lm_init: LMInitStage = field(default_factory=LMInitStage)
+    tokenize: TokenizeStage = field(default_factory=TokenizeStage)
+    lm: RecipeStage = field(default_factory=RecipeStage)
+    dit: RecipeStage = field(default_factory=RecipeStage)
+    vocoder: RecipeStage = field(default_factory=RecipeStage)
+    assemble: AssembleStage = field(default_factory=AssembleStage)
+    eval: EvalStage = field(default_factory=EvalStage)
+    config_path: str | None = None  # set by load_pipeline_config (recipe YAMLs resolve beside it too)
+
+
+def load_pipeline_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> PipelineConfig:
+    cfg = load_config(PipelineConfig, path, overrides)
+    if path is not None:
+        cfg.config_path = str(Path(path).resolve())
+    bad = [s for s in cfg.stages if s not in STAGES]
+    if bad:
+        raise ConfigError(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ runner
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # "done" | "skipped" | "incomplete"
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    """Runs the stages of one `PipelineConfig`; `run(stages, force)` returns a StageResult per stage."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.work = Path(cfg.work_dir)
+
+    # ---- paths -------------------------------------------------------------------------------------------
+    def dir(self, stage: str) -> Path:
+        return self.work / stage
+
+    @property
+    def corpus(self) -> Path:
+        return Path(self.cfg.corpus.path) if self.cfg.corpus.path else self.dir("corpus")
+
+    def export(self, stage: str) -> Path:
+        return self.dir(stage) / "export"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.dir("assemble") / "model"
+
+    def whisper_source(self) -> str:
+        """What recipes get as their frozen Whisper: a packaged name or a folder."""
+        info = self._marker("whisper")
+        if info is None:
+            raise ConfigError("the whisper stage has not run yet")
+        return info["info"]["source"]
+
+    def _manifests(self, tasks: list[str], split: str = "train") -> list[str]:
+        out = [self.corpus / "manifests" / f"{t}_{split}.jsonl" for t in tasks]
+        return [str(p) for p in out if p.is_file() and p.stat().st_size > 0]
+
+    # ---- markers -----------------------------------------------------------------------------------------
+    def _marker(self, stage: str) -> dict[str, Any] | None:
+        p = self.dir(stage) / MARKER
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def _write_marker(self, stage: str, fp: str, info: dict[str, Any], seconds: float) -> None:
+        d = self.dir(stage)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / (MARKER + ".tmp")
+        tmp.write_text(json.dumps({"stage": stage, "fingerprint": fp, "seconds": round(seconds, 2),
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "info": info},
+                                  indent=2) + "\n")
+        os.replace(tmp, d / MARKER)
+
+    def stage_settings(self, stage: str) -> Any:
+        """The settings a stage's fingerprint covers (its section; resolved recipe config for training)."""
+        if stage in TRAIN_STAGES:
+            d = to_dict(self.recipe_config(stage))
+            for k in ("max_steps_this_run", "device", "parallel", "log_every", "save_every", "keep_last"):
+                d["train"].pop(k, None)
+            d["train"].pop("steps", None)  # training longer is not a different stage (--force continues it)
+            d["optim"].pop("min_lr_ratio", None)
+            return d
+        if stage == "corpus":
+            return to_dict(self.cfg.corpus)
+        return to_dict(getattr(self.cfg, stage))
+
+    # ---- run ---------------------------------------------------------------------------------------------
+    def run(self, stages: list[str] | None = None, force: list[str] | None = None) -> list[StageResult]:
+        wanted = list(stages or self.cfg.stages or STAGES)
+        bad = [s for s in [*wanted, *(force or [])] if s not in STAGES]
+        if bad:
+            raise ConfigError(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
+        self.work.mkdir(parents=True, exist_ok=True)
+        results = []
+        for stage in STAGES:
+            if stage not in wanted:
+                continue
+            res = self.run_stage(stage, force=stage in (force or []))
+            results.append(res)
+            logger.info("pipeline stage %-8s %s (%.1f s)", stage, res.status, res.seconds)
+            if res.status == "incomplete":
+                logger.info("stage %s stopped before its last step; rerun the same command to continue", stage)
+                break
+        return results
+
+    def run_stage(self, stage: str, force: bool = False) -> StageResult:
+        fp = _fingerprint(self.stage_settings(stage)) if stage not in ("assemble", "eval") else \
+            _fingerprint(to_dict(getattr(self.cfg, stage)))
+        done = self._marker(stage)
+        if done is not None and not force:
+            if done["fingerprint"] != fp:
+                raise ConfigError(f"stage {stage!r} finished under other settings ({self.dir(stage) / MARKER}); "
+                                  f"pass --force {stage} to redo it with the new ones (later stages too)")
+            return StageResult(stage, "skipped", 0.0, done.get("info", {}))
+        if done is not None:
+            (self.dir(stage) / MARKER).unlink()
+        is_train = stage in TRAIN_STAGES
+        if _rank() != 0 and not is_train:
+            self._wait_for(stage)
+            return StageResult(stage, "skipped")
+        t0 = time.time()
+        info = getattr(self, f"_stage_{stage}")()
+        seconds = time.time() - t0
+        if info is None:  # a training stage that has not reached its last step
+            return StageResult(stage, "incomplete", seconds)
+        if _rank() == 0:
+            self._write_marker(stage, fp, info, seconds)
+        return StageResult(stage, "done", seconds, info)
+
+    def _wait_for(self, stage: str, timeout: float = 24 * 3600.0) -> None:
+        t0 = time.time()
+        while self._marker(stage) is None:
+            if time.time() - t0 > timeout:
+                raise KimiaError(f"rank {_rank()}: gave up waiting for stage {stage!r} on rank 0")
+            time.sleep(2.0)
+
+    # ---- stages ------------------------------------------------------------------------------------------
+    def _stage_corpus(self) -> dict[str, Any]:
+        c = self.cfg.corpus
+        if c.path:
+            summary = self.corpus / "summary.json"
+            if not (self.corpus / "manifests").is_dir():
+                raise ConfigError(f"corpus.path {self.corpus} has no manifests/ folder (not a kimia data synth corpus)")
+            return {"corpus": str(self.corpus), "summary": json.loads(summary.read_text()) if summary.is_file() else {}}
+        from kimia.data.engines import ENGINE_NAMES
+        from kimia.data.synth import TASKS, SynthConfig, build_corpus
+
+        sc = SynthConfig(out=self.corpus, hours=c.hours, seed=c.seed, jobs=c.jobs or (os.cpu_count() or 1),
+                         engines=tuple(c.engines or ENGINE_NAMES), tasks=tuple(c.tasks or TASKS), judge=c.judge,
+                         eval_fraction=c.eval_fraction, output_voice=c.output_voice, progress=False)
+        summary = build_corpus(sc)
+        return {"corpus": str(self.corpus), "items": summary.get("items", summary.get("accepted"))}
+
+    def _stage_whisper(self) -> dict[str, Any]:
+        src = self.cfg.whisper.source
+        if src.startswith("preset:"):
+            folder = write_random_whisper(self.dir("whisper") / "model", src.split(":", 1)[1], self.cfg.whisper.seed)
+            return {"source": str(folder), "reference": False}
+        from kimia.encoders.whisper import PACKAGED_NAMES
+
+        if src in PACKAGED_NAMES and not Path(src).exists():
+            from kimia.model_folder import packaged_whisper_reference
+
+            ref = packaged_whisper_reference(src)  # also checks that the packages are installed
+            return {"source": src, "reference": True, "files": ref["files"]}
+        if not (Path(src) / "config.json").is_file():
+            raise ConfigError(f"whisper.source {src!r} is neither a packaged name, 'preset:<name>' nor a Whisper folder")
+        return {"source": str(Path(src).resolve()), "reference": False}
+
+    def _whisper_width(self) -> int:
+        from kimia.encoders.whisper import PRESETS, WhisperEncoderConfig
+
+        src = self.whisper_source()
+        if not Path(src).exists():
+            return PRESETS[src]["d_model"]
+        return WhisperEncoderConfig.from_hf_config(json.loads((Path(src) / "config.json").read_text())).d_model
+
+    def _codebook(self) -> int:
+        return int(json.loads((self.export("vq") / "config.json").read_text())["quantize_vocab_size"])
+
+    # recipes ------------------------------------------------------------------------------------------------
+    def _recipe_yaml(self, stage: str) -> Path | None:
+        spec: RecipeStage = getattr(self.cfg, stage)
+        if spec.config is None:
+            return None
+        p = Path(spec.config)
+        if not p.is_file() and not p.is_absolute() and self.cfg.config_path:
+            for base in (Path(self.cfg.config_path).parent, Path(self.cfg.config_path).parent.parent.parent):
+                if (base / p).is_file():
+                    return base / p
+        if not p.is_file():
+            raise ConfigError(f"{stage}.config: recipe config {p} not found")
+        return p
+
+    def wiring(self, stage: str) -> list[str]:
+        """The overrides that connect a recipe to the pipeline's folders (applied before the stage's own)."""
+        j = json.dumps
+        w = [f"train.out_dir={j(str(self.dir(stage)))}", f"export_dir={j(str(self.export(stage)))}"]
+        if self.cfg.device:
+            w.append(f"train.device={j(self.cfg.device)}")
+        if self.cfg.max_steps_this_run > 0:
+            w.append(f"train.max_steps_this_run={self.cfg.max_steps_this_run}")
+        if stage == "vq":
+            w += [f"data.manifests={j(self._manifests(['asr', 'spoken_qa', 'dialogue', 'style']))}",
+                  "data.synthetic=0", "data.audio_key=audio_path", "data.text_key=text"]
+        elif stage == "lm":
+            w += [f"model.init={j(str(self.dir('lm_init') / 'model'))}", "model.overrides={}",
+                  f"data.manifests={j([str(self.dir('tokenize') / 'train.jsonl')])}", "data.synthetic=0",
+                  f"data.whisper={j(self.whisper_source())}", "data.semantic_tokenizer=null",
+                  f"data.cache_dir={j(str(self.dir('tokenize') / 'features'))}"]
+        elif stage in ("dit", "vocoder"):
+            w += [f"data.manifests={j(self._manifests(['spoken_qa', 'dialogue']))}", "data.synthetic=0",
+                  "data.audio_key=target_audio_path"]
+            if stage == "dit":
+                w.append(f"data.semantic_tokenizer={j(str(self.export('vq')))}")
+        return w
+
+    def recipe_config(self, stage: str) -> Any:
+        cls = _recipe_config_cls(stage)
+        path = self._recipe_yaml(stage)
+        data: dict[str, Any] = {}
+        if path is not None:
+            data = yaml.safe_load(path.read_text()) or {}
+        apply_overrides(data, self.wiring(stage))
+        if stage == "dit" and str(data.get("model", {}).get("init", "preset:")).startswith("preset:") \
+                and (self.export("vq") / "config.json").is_file():
+            data.setdefault("model", {}).setdefault("overrides", {})["semantic_vocab_size"] = self._codebook()
+        apply_overrides(data, getattr(self.cfg, stage).overrides)
+        try:
+            return from_dict(cls, data)
+        except ConfigError as e:
+            raise ConfigError(f"pipeline stage {stage!r} ({path or 'defaults'}): {e}") from None
+
+    def _train(self, stage: str) -> dict[str, Any] | None:
+        cfg = self.recipe_config(stage)
+        trainer, history = _recipe_train_fn(stage)(cfg)
+        if trainer.step < cfg.train.steps:
+            return None
+        last = history[-1] if history else {}
+        return {"export": str(self.export(stage)), "steps": trainer.step,
+                "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
+
+    def _stage_vq(self) -> dict[str, Any] | None:
+        return self._train("vq")
+
+    def _stage_lm(self) -> dict[str, Any] | None:
+        return self._train("lm")
+
+    def _stage_dit(self) -> dict[str, Any] | None:
+        return self._train("dit")
+
+    def _stage_vocoder(self) -> dict[str, Any] | None:
+        return self._train("vocoder")
+
+    # LM start and corpus tokenization -----------------------------------------------------------------------
+    def _stage_lm_init(self) -> dict[str, Any]:
+        s = self.cfg.lm_init
+        out = self.dir("lm_init") / "model"
+        audio_vocab, adaptor = self._codebook(), 4 * self._whisper_width()
+        if s.init == "smollm2":
+            from kimia.train.init_smollm2 import convert_smollm2
+
+            convert_smollm2(out, audio_vocab=audio_vocab, mimo_layers=s.mimo_layers, adaptor_input_dim=adaptor,
+                            seed=s.seed)
+        elif s.init.startswith("preset:"):
+            write_random_lm(out, s.init.split(":", 1)[1], s.tokenizer, audio_vocab=audio_vocab,
+                            adaptor_input_dim=adaptor, overrides=s.overrides, seed=s.seed)
+        else:
+            raise ConfigError(f"lm_init.init must be 'smollm2' or 'preset:<name>', got {s.init!r}")
+        return {"folder": str(out), "audio_vocab": audio_vocab, "adaptor_input_dim": adaptor}
+
+    def _stage_tokenize(self) -> dict[str, Any]:
+        from kimia.data.manifest import read_conversations
+        from kimia.encoders.semantic import load_semantic_tokenizer
+        from kimia.lm.config import AudioLMConfig
+        from kimia.prompt import PromptBuilder
+        from kimia.tokens import SpecialTokens
+        from kimia.train.data import AudioCache, ManifestLMDataset, output_type_of, read_manifests
+
+        lm_dir = self.dir("lm_init") / "model"
+        lm_cfg = AudioLMConfig.from_json(lm_dir / "config.json")
+        tok = folder_tokenizer(lm_dir)
+        builder = PromptBuilder(tok, SpecialTokens.from_config(lm_cfg.to_dict(), tok))
+        semantic = load_semantic_tokenizer(self.export("vq"), device="cpu")
+        ids = AudioCache(token_offset=lm_cfg.kimia_token_offset, semantic=semantic,
+                         cache_dir=self.dir("tokenize") / "ids")
+        out_dir = self.dir("tokenize")
+        counts: dict[str, Any] = {}
+        for split in self.cfg.tokenize.splits:
+            src = self.corpus / "finetune" / f"{split}.jsonl"
+            if not src.is_file():
+                raise ConfigError(f"corpus has no {src}")
+            kept, dropped = [], []
+            for n, rec in enumerate(read_conversations(src)):  # audio paths resolved against the corpus root
+                try:
+                    for m in rec["conversation"]:
+                        kind, c = m.get("message_type"), m.get("content")
+                        if kind == "audio" and isinstance(c, str):
+                            m["audio_tokens"] = ids.get(c)["audio_tokens"].tolist()
+                        elif kind == "audio-text":
+                            m["audio_tokens"] = ids.get(c[0])["audio_tokens"].tolist()
+                    builder.build([dict(m) for m in rec["conversation"]], add_assistant_start=False,
+                                  output_type=output_type_of(rec.get("task_type")))
+                except KimiaError as e:
+                    dropped.append({"line": n + 1, "reason": str(e)[:200]})
+                    continue
+                kept.append(rec)
+            tmp = out_dir / f"{split}.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, out_dir / f"{split}.jsonl")
+            counts[split] = {"kept": len(kept), "dropped": len(dropped), "dropped_examples": dropped[:5]}
+            if dropped:
+                logger.warning("tokenize %s: dropped %d of %d records (e.g. %s)", split, len(dropped),
+                               len(kept) + len(dropped), dropped[0]["reason"])
+            if not kept:
+                raise ConfigError(f"tokenize {split}: no usable record in {src}")
+        if self.cfg.tokenize.features:
+            from kimia.encoders.whisper import load_continuous_extractor
+
+            feats = AudioCache(token_offset=lm_cfg.kimia_token_offset, features=load_continuous_extractor(
+                self.whisper_source(), device="cpu"), cache_dir=out_dir / "features")
+            ds = ManifestLMDataset(read_manifests([out_dir / "train.jsonl"]), builder, audio=feats)
+            for i in range(len(ds)):
+                ds[i]
+        return counts
+
+    # folder and evaluation ----------------------------------------------------------------------------------
+    def _stage_assemble(self) -> dict[str, Any]:
+        from kimia.train.assemble import CardInfo, ModelParts, assemble_model_folder
+
+        w = self._marker("whisper")["info"]
+        parts = ModelParts(lm=self.export("lm"), whisper=w["source"], semantic_tokenizer=self.export("vq"),
+                           detokenizer=self.export("dit"), vocoder=self.export("vocoder"))
+        card = CardInfo(name=self.cfg.assemble.name, description=self.cfg.assemble.description,
+                        data=self._card_data(), compute=self._card_compute(), commands=self._card_commands())
+        folder = assemble_model_folder(self.model_dir, parts, card)
+        return {"folder": str(folder)}
+
+    def _card_data(self) -> str:
+        p = self.corpus / "summary.json"
+        if not p.is_file():
+            return f"corpus: {self.corpus}"
+        try:
+            from kimia.data.manifest import format_summary
+
+            return "```\n" + format_summary(json.loads(p.read_text())) + "\n```"
+        except Exception:  # an older/other summary layout: show it raw
+            return "```\n" + p.read_text()[:4000] + "\n```"
+
+    def _card_compute(self) -> str:
+        rows = ["| stage | steps | wall seconds (this machine) | last logged values |", "|---|---|---|---|"]
+        for s in STAGES:
+            m = self._marker(s)
+            if m is None or s in ("assemble", "eval"):
+                continue
+            info = m.get("info", {})
+            last = ", ".join(f"{k} {v:.4g}" for k, v in info.get("last", {}).items()
+                             if k in ("loss", "step_time", "tokens_per_s", "lr"))
+            rows.append(f"| {s} | {info.get('steps', '')} | {m.get('seconds', '')} | {last} |")
+        return "\n".join(rows) + f"\n\nhost: {os.uname().nodename}, {os.cpu_count()} cores"
+
+    def _card_commands(self) -> list[str]:
+        cfg = self.cfg.config_path or "<pipeline.yaml>"
+        return [f"kimia train pipeline --config {cfg}"]
+
+    def _stage_eval(self) -> dict[str, Any]:
+        from kimia.train.assemble import update_card_section
+
+        e, out = self.cfg.eval, self.dir("eval")
+        out.mkdir(parents=True, exist_ok=True)
+        info: dict[str, Any] = {}
+        if e.demo:
+            info["demo"] = self._demo(out)
+        for task in e.tasks:
+            if task not in EVAL_RECIPES:
+                raise ConfigError(f"eval.tasks: unknown task {task!r}; known: {sorted(EVAL_RECIPES)}")
+            found = self._manifests([task], e.split)
+            if not found:
+                logger.info("eval: no %s_%s manifest with items; skipped", task, e.split)
+                continue
+            from kimia.data.manifest import read_manifest
+
+            local = out / Path(found[0]).name  # the corpus' relative paths made absolute for `kimia eval`
+            local.write_text("".join(json.dumps(r) + "\n" for r in read_manifest(found[0], absolute=True)))
+            info[task] = run_quick_eval(self.model_dir, str(local), EVAL_RECIPES[task], out / "runs", e.limit,
+                                        e.max_new_tokens)
+        (out / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
+        body = ["| task | recipe | metric | value | items |", "|---|---|---|---|---|"]
+        for task, r in info.items():
+            if task != "demo":
+                body.append(f"| {task} | {r['recipe']} | {r['metric']} | {r['value']} | {r['items']} |")
+        if "demo" in info:
+            d = info["demo"]
+            body.append(f"\nDemo question `{d['question']}`: text answer {d['text']!r}, {d['audio_seconds']:.2f} s "
+                        f"of speech in {d['seconds']:.2f} s.")
+        update_card_section(self.model_dir, "Evaluation", "\n".join(body))
+        return info
+
+    def _demo(self, out: Path) -> dict[str, Any]:
+        import soundfile as sf
+
+        from kimia.api import OUTPUT_SAMPLE_RATE, KimiAudio
+
+        q = None
+        for split in ("eval", "train"):
+            for rec in _jsonl(self.corpus / "manifests" / f"spoken_qa_{split}.jsonl"):
+                q = self.corpus / rec["audio_path"]  # corpus paths are relative to the corpus root
+                break
+            if q is not None:
+                break
+        if q is None:
+            raise ConfigError(f"no spoken question in {self.corpus / 'manifests'} for the demo")
+        model = KimiAudio(self.model_dir, device="cpu")
+        t0 = time.time()
+        wav, text = model.generate([{"role": "user", "message_type": "audio", "content": str(q)}],
+                                   output_type="both", max_new_tokens=self.cfg.eval.max_new_tokens,
+                                   seed=self.cfg.eval.seed)
+        seconds = time.time() - t0
+        audio = wav.reshape(-1).numpy() if wav is not None else []
+        sf.write(str(out / "demo.wav"), audio, OUTPUT_SAMPLE_RATE)
+        (out / "demo.txt").write_text(text + "\n")
+        return {"question": str(q), "text": text, "audio_seconds": len(audio) / OUTPUT_SAMPLE_RATE,
+                "seconds": round(seconds, 3)}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _recipe_config_cls(stage: str) -> type:
+    if stage == "vq":
+        from kimia.train.vq import VQTrainConfig as C
+    elif stage == "lm":
+        from kimia.train.lm import LMTrainConfig as C
+    elif stage == "dit":
+        from kimia.train.dit import DiTTrainConfig as C
+    elif stage == "vocoder":
+        from kimia.train.vocoder import VocoderTrainConfig as C
+    else:
+        raise ConfigError(f"stage {stage!r} has no recipe")
+    return C
+
+
+def _recipe_train_fn(stage: str):
+    if stage == "vq":
+        from kimia.train.vq import train_vq as f
+    elif stage == "lm":
+        from kimia.train.lm import train_lm as f
+    elif stage == "dit":
+        from kimia.train.dit import train_dit as f
+    else:
+        from kimia.train.vocoder import train_vocoder as f
+    return f
+
+
+def folder_tokenizer(root: Path) -> Any:
+    """The text tokenizer the LM recipe trains with: the LM folder's spec, SmolLM2's pattern included."""
+    from kimia.tokens import TextTokenizer, load_tokenizer, read_added_tokens, read_tiktoken_ranks
+    from kimia.train.assemble import TOKENIZER_SPEC
+
+    spec = json.loads((root / TOKENIZER_SPEC).read_text())
+    if "pattern" in spec:
+        return TextTokenizer(read_tiktoken_ranks(root / spec["file"]), read_added_tokens(root / spec["specials"]),
+                             pattern=spec["pattern"])
+    return load_tokenizer(spec, root)
+
+
+def write_random_whisper(folder: Path, preset: str, seed: int = 0) -> Path:
+    """A seeded random Whisper encoder in the HF folder layout (config.json + `encoder.*` safetensors), the
+    format the LM recipe's frozen-feature loader and `kimia.model_folder` both read (tests, smoke runs)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kimia.encoders.layers import init_encoder_weights
+    from kimia.encoders.whisper import WhisperEncoder, WhisperEncoderConfig
+
+    cfg = WhisperEncoderConfig.from_name(preset)
+    enc = WhisperEncoder(cfg)
+    init_encoder_weights(enc, torch.Generator().manual_seed(seed))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({f"encoder.{k}": v.contiguous() for k, v in enc.state_dict().items()}, str(folder / "model.safetensors"))
+    hf = {"model_type": "whisper", "activation_function": "gelu", "num_mel_bins": cfg.n_mels, "d_model": cfg.d_model,
+          "encoder_layers": cfg.n_layers, "encoder_attention_heads": cfg.n_heads, "encoder_ffn_dim": cfg.ffn_dim,
+          "max_source_positions": cfg.max_source_positions}
+    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return folder
+
+
+def smollm2_text_tokenizer(folder: Path) -> tuple[dict[str, Any], int]:
+    """SmolLM2's vocabulary + the Kimi specials (no weights read): (spec, number of SmolLM2 tokens); writes
+    the rank file, the special table and the spec into `folder`."""
+    import gguf
+
+    from kimia.train.init_smollm2 import GGUFModel, find_smollm2_gguf, write_tokenizer
+
+    r = gguf.GGUFReader(str(find_smollm2_gguf()))
+    toks, types = r.fields["tokenizer.ggml.tokens"], r.fields["tokenizer.ggml.token_type"]
+    tokens = [bytes(toks.parts[i]).decode("utf-8") for i in toks.data]
+    token_types = [int(types.parts[i][0]) for i in types.data]
+    return write_tokenizer(GGUFModel({}, {}, tokens, token_types, ""), folder), len(tokens)
+
+
+def write_random_lm(folder: Path, preset: str, tokenizer: str, *, audio_vocab: int, adaptor_input_dim: int,
+                    overrides: dict[str, Any] | None = None, seed: int = 0) -> Path:
+    """A native AudioLM folder with a random `preset` trunk sized to a real text tokenizer ("smollm2" or a
+    tiktoken rank file) + the release specials + `audio_vocab` audio ids, with its `kimia_tokenizer.json`."""
+    import torch
+
+    from kimia.checkpoints.native import save_native_lm
+    from kimia.lm.config import AudioLMConfig
+    from kimia.lm.model import AudioLM
+    from kimia.tokens import NUM_SPECIALS, SpecialTokens, read_tiktoken_ranks
+    from kimia.train.assemble import TOKENIZER_SPEC
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "smollm2":
+        spec, base = smollm2_text_tokenizer(folder)
+    else:
+        src = Path(tokenizer)
+        if not src.is_file():
+            raise ConfigError(f"lm_init.tokenizer {tokenizer!r} is neither 'smollm2' nor a tiktoken rank file")
+        (folder / "tokenizer").mkdir(exist_ok=True)
+        shutil.copyfile(src, folder / "tokenizer" / src.name)
+        base = len(read_tiktoken_ranks(src))
+        spec = {"type": "tiktoken", "file": f"tokenizer/{src.name}", "specials": {"base": base}}
+        (folder / TOKENIZER_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    offset = base + NUM_SPECIALS
+    sp = SpecialTokens.from_base(base, token_offset=offset)
+    fields = dict(vocab_size=offset + audio_vocab, bos_token_id=sp.bos, eos_token_ids=[sp.eos, sp.msg_end],
+                  pad_token_id=sp.pad, kimia_token_offset=offset, kimia_text_output_vocab=offset,
+                  kimia_audio_output_vocab=audio_vocab, num_audio_special_tokens=0, num_base_tokens=base,
+                  kimia_adaptor_input_dim=adaptor_input_dim, kimia_media_begin=sp.media_begin,
+                  kimia_media_end=sp.media_end, torch_dtype="float32")
+    fields.update(overrides or {})
+    cfg = AudioLMConfig.from_name(preset, **fields)
+    model = AudioLM(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    save_native_lm(model, folder)
+    return folder
+
+
+def run_quick_eval(model_dir: Path, manifest: str, recipe: str, work: Path, limit: int, max_new_tokens: int
+                   ) -> dict[str, Any]:
+    """`kimia eval` on one manifest (first `limit` items); returns {recipe, metric, value, items, run_dir}."""
+    from kimia.eval.cli import main as eval_main
+
+    name = Path(manifest).stem
+    args = ["--model", str(model_dir), "--data", manifest, "--recipe", recipe, "--work-dir", str(work),
+            "--limit", str(limit), "--max-new-tokens", str(max_new_tokens), "--no-plots", "--no-progress",
+            "--device", "cpu"]
+    rc = eval_main(args)
+    if rc != 0:
+        raise KimiaError(f"kimia eval {' '.join(args)} failed with exit code {rc}")
+    run_dir = work / model_dir.name / name
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    overall = metrics.get("performance", {}).get("overall", {})
+    return {"recipe": recipe, "metric": metrics.get("eval_method", ""), "value": overall,
+            "items": metrics.get("counts", {}).get("scored", 0), "run_dir": str(run_dir)}
+
+
+def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, force: list[str] | None = None
+                 ) -> list[StageResult]:
+    """Run (or continue) the pipeline; returns one StageResult per stage run or skipped."""
+    return Pipeline(cfg).run(stages, force)
+
+
+# ------------------------------------------------------------------------------------------ CLI hook
+def add_pipeline_args(p) -> None:
+    """Extra arguments of `kimia train pipeline` (beside --config and the dotted overrides)."""
+    p.add_argument("--stages", nargs="+", choices=STAGES, metavar="STAGE",
+                   help=f"run only these stages (in pipeline order): {' '.join(STAGES)}")
+    p.add_argument("--force", nargs="+", choices=STAGES, default=[], metavar="STAGE",
+                   help="rerun these stages even if finished (training stages continue from their checkpoint)")
+
+
+def run_from_args(cfg: PipelineConfig, args: Any) -> list[StageResult]:
+    results = run_pipeline(cfg, getattr(args, "stages", None), getattr(args, "force", None))
+    for r in results:
+        print(f"{r.stage:9s} {r.status:10s} {r.seconds:8.1f} s")
+    return results
+
+
+__all__ = ["PipelineConfig", "CorpusStage", "WhisperStage", "RecipeStage", "LMInitStage", "TokenizeStage",
+           "AssembleStage", "EvalStage", "Pipeline", "StageResult", "STAGES", "load_pipeline_config", "run_pipeline",
+           "write_random_whisper", "write_random_lm", "smollm2_text_tokenizer", "run_quick_eval", "folder_tokenizer"]

