@@ -204,6 +204,7 @@ class Stats:
     lo: float
     hi: float
     n: int = 1
+    clean: "Stats | None" = None  # the same over the uncontended runs only (None when there were none)
 
     @classmethod
     def of(cls, values: Sequence[float]) -> "Stats":
@@ -212,14 +213,22 @@ class Stats:
 
     @classmethod
     def metric(cls, runs: Sequence[Run], name: str) -> "Stats":
-        return cls.of(r.wall if name == "wall" else r.metrics[name] for r in runs)
+        def value(r: Run) -> float:
+            return r.wall if name == "wall" else r.metrics[name]
+
+        clean = [value(r) for r in runs if not r.contended]
+        s = cls.of(value(r) for r in runs)
+        s.clean = cls.of(clean) if clean else None
+        return s
 
     def scaled(self, k: float) -> "Stats":
-        return Stats(self.median * k, self.lo * k, self.hi * k, self.n)
+        clean = self.clean.scaled(k) if self.clean else None
+        return Stats(self.median * k, self.lo * k, self.hi * k, self.n, clean)
 
     def inverse(self, k: float = 1.0) -> "Stats":
         """k / x (turns seconds per step into steps per second; min and max swap)."""
-        return Stats(k / self.median, k / self.hi, k / self.lo, self.n)
+        clean = self.clean.inverse(k) if self.clean else None
+        return Stats(k / self.median, k / self.hi, k / self.lo, self.n, clean)
 
     def fmt(self, digits: int = 3) -> str:
         return f"{self.median:.{digits}f} [{self.lo:.{digits}f}-{self.hi:.{digits}f}]"
@@ -236,24 +245,28 @@ class Metric:
     higher_is_better: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def speedup(self) -> float | None:
+    def speedup(self, ours: Stats | None = None) -> float | None:
         """> 1: we are faster than the reference (reference time / our time, or our rate / theirs)."""
-        if self.reference is None or self.ours.median <= 0:
+        ours = self.ours if ours is None else ours
+        if self.reference is None or ours.median <= 0:
             return None
-        r = self.ours.median / self.reference
+        r = ours.median / self.reference
         return r if self.higher_is_better else 1.0 / r
 
 
 def side_by_side(title: str, rows: Sequence[tuple[str, Metric]], note: str = "") -> str:
-    """Table: config | metric | ours median [min-max] | reference median | x faster than the reference."""
+    """Table: config | metric | ours median [min-max] | reference median | x faster than the reference, then
+    the same over the uncontended runs only (median (n), ratio) when any run was uncontended."""
     table = []
     for config, m in rows:
         ref = "-" if m.reference is None else f"{m.reference:.{m.digits}f}"
-        sp = m.speedup
-        table.append([config, m.name, m.ours.fmt(m.digits), ref, "-" if sp is None else f"{sp:.2f}x"])
+        sp, clean = m.speedup(), m.ours.clean
+        csp = m.speedup(clean) if clean else None
+        table.append([config, m.name, m.ours.fmt(m.digits), ref, "-" if sp is None else f"{sp:.2f}x",
+                      f"{clean.median:.{m.digits}f} ({clean.n})" if clean else "-",
+                      "-" if csp is None else f"{csp:.2f}x"])
     return print_table(title, ["config", "metric", "ours median [min-max]", "reference median",
-                               "ours vs ref (>1 = faster)"], table, note=note)
+                               "ours vs ref (>1 = faster)", "uncontended only (n)", "vs ref"], table, note=note)
 
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "") -> str:

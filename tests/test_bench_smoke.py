@@ -82,9 +82,14 @@ def test_stats_and_speedup():
     assert (s.median, s.lo, s.hi) == (2.0, 1.0, 4.0)
     inv = s.inverse(8.0)
     assert (inv.median, inv.lo, inv.hi) == (4.0, 2.0, 8.0)
-    assert common.Metric("t", s, reference=4.0).speedup == 2.0  # half the reference time: 2x faster
-    assert common.Metric("r", s, reference=4.0, higher_is_better=True).speedup == 0.5
-    assert common.Metric("t", s, reference=None).speedup is None
+    assert common.Metric("t", s, reference=4.0).speedup() == 2.0  # half the reference time: 2x faster
+    assert common.Metric("r", s, reference=4.0, higher_is_better=True).speedup() == 0.5
+    assert common.Metric("t", s, reference=None).speedup() is None
     gate = common.Gate(timeout=0)
     runs = common.repeat(lambda: {"x": 1.0}, 2, gate, warmup=False)
     assert len(runs) == 2 and all(r.contended for r in runs)  # no idle gate: counted as contended
+    assert common.Stats.metric(runs, "x").clean is None
+    runs.append(common.Run(wall=1.0, metrics={"x": 3.0}, other_cpu=0.0, idle_start=True))
+    st = common.Stats.metric(runs, "x")
+    assert (st.median, st.clean.median, st.clean.n) == (1.0, 3.0, 1)
+    assert st.inverse(6.0).clean.median == 2.0 and st.scaled(2.0).clean.median == 6.0
