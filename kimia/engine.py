@@ -57,6 +57,9 @@ class GenerationConfig:
         stop_reason "max_cache_len". None = as many as the budget needs.
     audio_stop: False disables the both-mode stop on msg_end/media_end (benchmarks: fixed step counts).
     return_logits: keep every step's last-position logits of both heads in the result (tests, analysis).
+    skip_audio_branch: run the model without its audio branch (mimo layers + head), text mode only: the
+        audio stream is forced to blank there, so the branch's output is never used. None = automatic:
+        skip in text mode unless return_logits asks for the audio logits. Text results are identical.
     """
 
     output_type: OutputType = "text"
@@ -68,6 +71,7 @@ class GenerationConfig:
     max_cache_len: int | None = None
     audio_stop: bool = True
     return_logits: bool = False
+    skip_audio_branch: bool | None = None
 
     def __post_init__(self) -> None:
         if self.output_type not in ("text", "both"):
@@ -81,6 +85,15 @@ class GenerationConfig:
             raise ConfigError(f"max_cache_len must be positive or None, got {self.max_cache_len}")
         if not isinstance(self.text, SamplingParams) or not isinstance(self.audio, SamplingParams):
             raise ConfigError("text and audio must be SamplingParams")
+        if self.skip_audio_branch and self.output_type != "text":
+            raise ConfigError("skip_audio_branch=True needs output_type 'text' (audio is sampled in 'both')")
+
+    @property
+    def skips_audio(self) -> bool:
+        """Whether generation runs the model without its audio branch (see skip_audio_branch)."""
+        if self.skip_audio_branch is not None:
+            return bool(self.skip_audio_branch)
+        return self.output_type == "text" and not self.return_logits
 
     @classmethod
     def from_official(cls, **kwargs) -> GenerationConfig:
@@ -331,7 +344,8 @@ class Engine:
                 row.audio.append(a)
                 if logits is not None:
                     row.logits_t.append(logits[0][k])
-                    row.logits_a.append(logits[1][k])
+                    if logits[1] is not None:
+                        row.logits_a.append(logits[1][k])
                 if not row.text_done:
                     if t == sp.text_eos:
                         row.text_done, row.eos_step = True, i
@@ -364,6 +378,7 @@ class _DeviceState:
 
     def __init__(self, engine: Engine, prompts: Sequence[PromptBatch], config: GenerationConfig, cap: int):
         self.e, self.config, self.cap = engine, config, cap
+        self.skip_audio = config.skips_audio
         sp, dev = engine.specials, engine.device
         self.blank = sp.text_blank
         self.prompts = prompts
@@ -387,11 +402,12 @@ class _DeviceState:
                                           device=e.device, dtype=e.dtype)
             positions = torch.arange(L, device=e.device).expand(audio.shape[0], L)
             return m(audio, text, positions, continuous=cont, continuous_mask=mask, cache=self.cache,
-                     logits_at=lengths - 1)
+                     logits_at=lengths - 1, skip_audio=self.skip_audio)
         positions = (self.lengths + (i - 1))[:, None]
         kv_len = int(self.max_len) + i  # = max position of this step + 1
         self._grow(kv_len)
-        return m(self.last_a[:, None], self.last_t[:, None], positions, cache=self.cache, kv_len=kv_len)
+        return m(self.last_a[:, None], self.last_t[:, None], positions, cache=self.cache, kv_len=kv_len,
+                 skip_audio=self.skip_audio)
 
     def _grow(self, needed: int) -> None:
         c = self.cache
@@ -410,7 +426,8 @@ class _DeviceState:
         if i == 0:
             self.max_len = int(self.lengths.max())
         cfg, sp = self.config, self.e.specials
-        tl, al = out.text_logits[:, -1], out.audio_logits[:, -1]
+        tl = out.text_logits[:, -1]
+        al = out.audio_logits[:, -1] if out.audio_logits is not None else None
         t = sample_with_params(tl, cfg.text, self.hist_t[:, :i] if i > 0 else None, generator)
         t = torch.where(self.text_done, torch.full_like(t, self.blank), t)
         self.text_done |= t == sp.text_eos
@@ -422,7 +439,7 @@ class _DeviceState:
         self.hist_a[:, i] = a
         self.last_t, self.last_a = t, a
         ids = torch.stack([t, a]).tolist()  # the one host sync per step
-        logits = (tl.float().cpu(), al.float().cpu()) if cfg.return_logits else None
+        logits = (tl.float().cpu(), None if al is None else al.float().cpu()) if cfg.return_logits else None
         return ids[0], ids[1], logits
 
     @torch.inference_mode()

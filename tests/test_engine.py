@@ -239,3 +239,35 @@ def test_engine_device_and_dtype_resolution(setup):
     for k, (a, b) in enumerate(zip(got, want)):
         _same(a, b, f"float64 row {k}")
         torch.testing.assert_close(a.step_text_logits.float(), b.step_text_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_text_mode_skips_the_audio_branch_with_identical_results(setup):
+    """Text mode runs without the mimo layers (auto), batched and sampled, with the same ids and text logits."""
+    engines = setup[0]
+    prompts = _prompts(setup, "text")
+    eng = engines["."]
+    calls: list[bool] = []
+    hook = eng.model.register_forward_pre_hook(lambda m, args, kw: calls.append(kw.get("skip_audio", False)),
+                                               with_kwargs=True)
+    try:
+        for params in ({}, SAMPLED):
+            full = GenerationConfig(output_type="text", max_new_tokens=10, skip_audio_branch=False, **params)
+            fast = GenerationConfig(output_type="text", max_new_tokens=10, **params)
+            assert fast.skips_audio and not full.skips_audio
+            calls.clear()
+            a = eng.generate(prompts, fast, torch.Generator().manual_seed(3))
+            assert calls and all(calls)
+            calls.clear()
+            b = eng.generate(prompts, full, torch.Generator().manual_seed(3))
+            assert calls and not any(calls)
+            for k, (x, y) in enumerate(zip(a, b)):
+                _same(x, y, f"row {k}")
+    finally:
+        hook.remove()
+    logged = eng.generate(prompts[:1], GenerationConfig(output_type="text", max_new_tokens=6, return_logits=True,
+                                                        skip_audio_branch=True))[0]
+    full = eng.generate(prompts[:1], GenerationConfig(output_type="text", max_new_tokens=6, return_logits=True))[0]
+    assert logged.step_audio_logits is None and full.step_audio_logits is not None
+    assert torch.equal(logged.step_text_logits, full.step_text_logits)
+    with pytest.raises(ConfigError, match="skip_audio_branch"):
+        GenerationConfig(output_type="both", skip_audio_branch=True)

@@ -82,37 +82,50 @@ def test_generate_runs_match_reference_loop(fx):
             engines[sub] = Engine(load_official_lm(fx.path / sub, dtype=torch.float32)[0], sp)
         config = GenerationConfig.from_official(**run["kwargs"])
         config.return_logits = True
-        prompt = fixture_prompt(exp, sp, run["prompt"], config.output_type)
-        (r,) = engines[sub].generate([prompt], config)
-        what = f"{fx}:{name}"
-        assert_close(torch.tensor(r.loop_text_tokens, dtype=torch.long),
-                     torch.tensor(run["loop_text_tokens"], dtype=torch.long), exact, f"{what} loop_text_tokens")
-        assert_close(torch.tensor(r.loop_audio_tokens, dtype=torch.long),
-                     torch.tensor(run["loop_audio_tokens"], dtype=torch.long), exact, f"{what} loop_audio_tokens")
-        if run.get("filtered_audio_ids") is not None:
-            assert r.audio_ids == run["filtered_audio_ids"], f"{what}: filtered audio ids"
+        variants = [(config, f"{fx}:{name}")]
+        if config.output_type == "text":  # the text-only fast path (no audio branch) must give the same run
+            fast = GenerationConfig.from_official(**run["kwargs"])
+            fast.return_logits, fast.skip_audio_branch = True, True
+            variants.append((fast, f"{fx}:{name} [skip_audio_branch]"))
+        for cfg, what in variants:
+            _check_run(engines[sub], exp, sp, run, name, cfg, what, step_tensors, exact, streams_tol, logits_tol)
+
+
+def _check_run(engine, exp, sp, run, name, config, what, step_tensors, exact, streams_tol, logits_tol):
+    prompt = fixture_prompt(exp, sp, run["prompt"], config.output_type)
+    (r,) = engine.generate([prompt], config)
+    if config.skips_audio:
+        assert r.step_audio_logits is None, f"{what}: the audio branch ran"
+    assert_close(torch.tensor(r.loop_text_tokens, dtype=torch.long),
+                 torch.tensor(run["loop_text_tokens"], dtype=torch.long), exact, f"{what} loop_text_tokens")
+    assert_close(torch.tensor(r.loop_audio_tokens, dtype=torch.long),
+                 torch.tensor(run["loop_audio_tokens"], dtype=torch.long), exact, f"{what} loop_audio_tokens")
+    if run.get("filtered_audio_ids") is not None:
+        assert r.audio_ids == run["filtered_audio_ids"], f"{what}: filtered audio ids"
+    else:
+        assert r.audio_ids == [], f"{what}: text mode returns no audio"
+    assert r.text_ids == [t for t in run["loop_text_tokens"] if t < sp.token_offset]
+    if "filtered_text_ids" in run:
+        assert r.text_ids == run["filtered_text_ids"], f"{what}: filtered text ids"
+    if "loop_budget" in run:
+        assert config.steps_for(len(prompt)) == run["loop_budget"], f"{what}: budget"
+    if "steps" not in run:
+        # Runs without per-step records: text mode ends at its budget, both mode on the audio end id.
+        if config.output_type == "text":
+            assert r.stop_reason == "budget" and r.steps == config.steps_for(len(prompt)), what
         else:
-            assert r.audio_ids == [], f"{what}: text mode returns no audio"
-        assert r.text_ids == [t for t in run["loop_text_tokens"] if t < sp.token_offset]
-        if "filtered_text_ids" in run:
-            assert r.text_ids == run["filtered_text_ids"], f"{what}: filtered text ids"
-        if "loop_budget" in run:
-            assert config.steps_for(len(prompt)) == run["loop_budget"], f"{what}: budget"
-        if "steps" not in run:
-            # Runs without per-step records: text mode ends at its budget, both mode on the audio end id.
-            if config.output_type == "text":
-                assert r.stop_reason == "budget" and r.steps == config.steps_for(len(prompt)), what
-            else:
-                assert r.stop_reason in ("audio_msg_end", "audio_media_end"), what
-                assert r.loop_audio_tokens[-1] in sp.audio_end_ids, what
-            continue
-        assert r.steps == run["steps"], f"{what}: steps {r.steps} != {run['steps']}"
-        assert r.stop_reason == run["stop_reason"], f"{what}: stop {r.stop_reason} != {run['stop_reason']}"
-        assert r.text_eos_step == run["text_eos_step"], f"{what}: text EOS step"
-        assert len(r.loop_text_tokens) == run["valid_text_length"] and len(r.loop_audio_tokens) == run["valid_audio_length"]
-        assert_close(torch.tensor(r.step_text_tokens), torch.tensor(run["step_text_tokens"]), streams_tol,
-                     f"{what} step_text_tokens")
-        assert_close(torch.tensor(r.step_audio_tokens), torch.tensor(run["step_audio_tokens"]), streams_tol,
-                     f"{what} step_audio_tokens")
-        assert_close(r.step_text_logits, step_tensors[f"{name}.step_text_logits"], logits_tol, f"{what} text logits")
-        assert_close(r.step_audio_logits, step_tensors[f"{name}.step_audio_logits"], logits_tol, f"{what} audio logits")
+            assert r.stop_reason in ("audio_msg_end", "audio_media_end"), what
+            assert r.loop_audio_tokens[-1] in sp.audio_end_ids, what
+        return
+    assert r.steps == run["steps"], f"{what}: steps {r.steps} != {run['steps']}"
+    assert r.stop_reason == run["stop_reason"], f"{what}: stop {r.stop_reason} != {run['stop_reason']}"
+    assert r.text_eos_step == run["text_eos_step"], f"{what}: text EOS step"
+    assert len(r.loop_text_tokens) == run["valid_text_length"] and len(r.loop_audio_tokens) == run["valid_audio_length"]
+    assert_close(torch.tensor(r.step_text_tokens), torch.tensor(run["step_text_tokens"]), streams_tol,
+                 f"{what} step_text_tokens")
+    assert_close(torch.tensor(r.step_audio_tokens), torch.tensor(run["step_audio_tokens"]), streams_tol,
+                 f"{what} step_audio_tokens")
+    assert_close(r.step_text_logits, step_tensors[f"{name}.step_text_logits"], logits_tol, f"{what} text logits")
+    if not config.skips_audio:
+        assert_close(r.step_audio_logits, step_tensors[f"{name}.step_audio_logits"], logits_tol,
+                     f"{what} audio logits")

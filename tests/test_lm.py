@@ -344,3 +344,38 @@ def test_meta_build_needs_buffers_and_text_skip_rule():
         zero = model(ids, torch.zeros_like(ids), torch.arange(4)[None])
         none = model(ids, None, torch.arange(4)[None])
     assert torch.equal(zero.text_logits, none.text_logits)
+
+
+def test_skip_audio_gives_identical_text_logits_and_leaves_the_mimo_cache_alone():
+    """The text-only fast path: same text logits bit for bit (full, cached prefill + decode, batched), no audio
+    logits, and no writes to the audio branch's cache slots (main-layer slots equal the full run's)."""
+    model = _model(seed=3)
+    c = model.config
+    audio, text, feats = _prompt(c, length=14)
+    cont, mask = model.scatter_continuous(audio, feats)
+    n, k = audio.shape[1], 9
+    pos = torch.arange(n)[None]
+    with torch.no_grad():
+        full = model(audio, text, pos, continuous=cont, continuous_mask=mask)
+        fast = model(audio, text, pos, continuous=cont, continuous_mask=mask, skip_audio=True)
+        assert fast.audio_logits is None
+        assert torch.equal(fast.text_logits, full.text_logits)
+        runs = {}
+        for skip in (False, True):
+            cache = model.allocate_cache(2, 32)
+            cache.k.fill_(7.0)
+            cache.v.fill_(7.0)
+            two = lambda x: x.expand(2, *x.shape[1:])  # noqa: E731
+            pre = model(two(audio[:, :k]), two(text[:, :k]), two(pos[:, :k]), continuous=two(cont[:, :k]),
+                        continuous_mask=two(mask[:, :k]), cache=cache, logits_at=torch.tensor([k - 1, k - 2]),
+                        skip_audio=skip)
+            steps = [model(two(audio[:, i:i + 1]), two(text[:, i:i + 1]), torch.full((2, 1), i), cache=cache,
+                           kv_len=i + 1, skip_audio=skip).text_logits for i in range(k, n)]
+            runs[skip] = (pre.text_logits, torch.cat(steps, 1), cache)
+    assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+    torch.testing.assert_close(runs[False][1][:1], full.text_logits[:, k:], atol=1e-5, rtol=1e-5)
+    main = c.num_hidden_layers
+    fast_cache, full_cache = runs[True][2], runs[False][2]
+    assert torch.equal(fast_cache.k[:main], full_cache.k[:main]) and torch.equal(fast_cache.v[:main], full_cache.v[:main])
+    assert bool((fast_cache.k[main:] == 7.0).all()) and bool((fast_cache.v[main:] == 7.0).all())
+    assert not bool((full_cache.k[main:, :, :, :n] == 7.0).all())

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 class LMOutput:
     """Logits of both heads, fp32. L' = L, or 1 when `logits_at` was given."""
 
-    audio_logits: torch.Tensor  # [B, L', V] audio head (mimo branch)
+    audio_logits: torch.Tensor | None  # [B, L', V] audio head (mimo branch); None with skip_audio=True
     text_logits: torch.Tensor  # [B, L', V] text head (main trunk)
 
 
@@ -174,6 +174,7 @@ class AudioLM(nn.Module):
         cache: KVCache | None = None,
         kv_len: int | None = None,
         logits_at: torch.Tensor | int | None = None,
+        skip_audio: bool = False,
     ) -> LMOutput:
         """Teacher-forced pass over L positions of B rows.
 
@@ -186,8 +187,12 @@ class AudioLM(nn.Module):
             kv_len: with a cache, attend only over slots [0, kv_len) (must exceed every position).
             logits_at: None -> logits for all L positions; an int (e.g. -1) -> that index for every row;
                 a [B] long tensor -> one index per row (e.g. lengths - 1 of a right-padded prefill).
+            skip_audio: True skips the audio branch (mimo layers, mimo_norm, mimo_output) and its KV-cache
+                writes; `audio_logits` is then None. Text logits are unaffected (the branch only reads the
+                trunk). For text-only generation, where the audio stream is forced to blank; the mimo slots
+                of a cache filled this way are stale, so do not later decode audio on that cache.
         Returns:
-            LMOutput with audio_logits, text_logits [B, L or 1, V] in fp32.
+            LMOutput with audio_logits (None with skip_audio), text_logits [B, L or 1, V] in fp32.
         """
         if audio_ids.dim() != 2 or positions.shape != audio_ids.shape:
             raise ConfigError(
@@ -213,14 +218,19 @@ class AudioLM(nn.Module):
         for i in range(fork + 1):
             x = run(self.model.layers[i], x, cache.main(i) if cache is not None else None)
         a = x
-        for j, layer in enumerate(self.model.mimo_layers):
-            a = run(layer, a, cache.mimo(j) if cache is not None else None)
+        if not skip_audio:
+            for j, layer in enumerate(self.model.mimo_layers):
+                a = run(layer, a, cache.mimo(j) if cache is not None else None)
         for i in range(fork + 1, c.num_hidden_layers):
             x = run(self.model.layers[i], x, cache.main(i) if cache is not None else None)
 
         if logits_at is not None:
-            x, a = _select(x, logits_at), _select(a, logits_at)
+            x = _select(x, logits_at)
         text_logits = self.lm_head(self.model.norm(x)).float()
+        if skip_audio:
+            return LMOutput(audio_logits=None, text_logits=text_logits)
+        if logits_at is not None:
+            a = _select(a, logits_at)
         audio_logits = self.mimo_output(self.model.mimo_norm(a)).float()
         return LMOutput(audio_logits=audio_logits, text_logits=text_logits)
 
