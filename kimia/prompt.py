@@ -12,7 +12,9 @@ prompts into one batch for batched prefill.
 The audio encoders are injected as callables (`audio_tokenizer(wave) -> semantic ids`,
 `feature_extractor(wave) -> [1, N, D]`, both on a mono 16 kHz float32 waveform [S]) so this module depends
 on neither encoder; a message may also carry precomputed `audio_tokens` (LLM ids, already offset) and
-`features`.
+`features`. `build_many` builds N prompts with ONE call of each encoder over every waveform of every
+conversation (kimia's encoders batch across files when given a list; `batched_encoders=True`), instead of
+one call per audio message.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 import torch
 
-from kimia.errors import AudioError, PromptError
+from kimia.errors import AudioError, KimiaError, PromptError
 from kimia.tokens import SpecialTokens, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -144,15 +146,21 @@ def _to_mono_16k(wave: np.ndarray, sr: int, source: str) -> torch.Tensor:
 
 
 class PromptBuilder:
-    """Builds `PromptBatch`es from messages with one tokenizer, special-token table and audio encoders."""
+    """Builds `PromptBatch`es from messages with one tokenizer, special-token table and audio encoders.
+
+    batched_encoders: the encoders also accept a list of waveforms and return a list of results in order
+    (kimia's SemanticTokenizer and ContinuousFeatureExtractor do); `build_many` then calls each once.
+    """
 
     def __init__(self, tokenizer: Tokenizer, specials: SpecialTokens, audio_tokenizer: AudioTokenizerFn | None = None,
-                 feature_extractor: FeatureExtractorFn | None = None, *, audio_loader: AudioLoaderFn | None = None):
+                 feature_extractor: FeatureExtractorFn | None = None, *, audio_loader: AudioLoaderFn | None = None,
+                 batched_encoders: bool = False):
         self.tokenizer = tokenizer
         self.specials = specials
         self.audio_tokenizer = audio_tokenizer
         self.feature_extractor = feature_extractor
         self.audio_loader = audio_loader or _load_audio_file
+        self.batched_encoders = batched_encoders
 
     # ---- public -------------------------------------------------------------------------------------------
     def build(self, messages: Sequence[Message], output_type: OutputType = "text", add_assistant_start: bool = True) -> PromptBatch:
@@ -160,6 +168,91 @@ class PromptBuilder:
 
         `add_assistant_start=False` gives the training layout (no trailing assistant marker).
         """
+        self._check_all(messages, output_type)
+        return self._build(messages, output_type, add_assistant_start, {})
+
+    def build_many(self, conversations: Sequence[Sequence[Message]], output_type: OutputType = "text",
+                   add_assistant_start: bool = True, *, errors: Literal["raise", "return"] = "raise"
+                   ) -> list[PromptBatch | KimiaError]:
+        """The prompts of several conversations, equal to `build` on each, with the audio of ALL of them
+        encoded together: one audio-tokenizer call and one feature-extractor call in total (with
+        `batched_encoders`; otherwise one call per waveform, still without repeats).
+
+        errors="raise": the first failing conversation's error is raised (a PromptError names the
+        conversation); "return": its error object takes its place in the returned list and the others build.
+        """
+        if errors not in ("raise", "return"):
+            raise PromptError(f"errors must be 'raise' or 'return', got {errors!r}")
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
+            raise PromptError(f"conversations must be a list of message lists, got {type(conversations).__name__}")
+        n = len(conversations)
+        failed: dict[int, KimiaError] = {}
+        caches: list[dict[int, dict[str, Any]]] = [{} for _ in range(n)]
+        id_jobs: list[tuple[int, int, torch.Tensor]] = []  # (conversation, message, waveform)
+        feat_jobs: list[tuple[int, int, torch.Tensor]] = []
+        for c, msgs in enumerate(conversations):
+            try:
+                self._check_all(msgs, output_type)
+                for i, m in enumerate(msgs):
+                    kind = m.get("message_type")
+                    if kind not in ("audio", "audio-text"):
+                        continue
+                    source = m.get("content") if kind == "audio" else m["content"][0]
+                    cache = caches[c].setdefault(i, {})
+                    if m.get("audio_tokens") is None and self.audio_tokenizer is not None:
+                        id_jobs.append((c, i, self._wave(source, m, i, cache)))
+                    if (kind == "audio" and m.get("features") is None and self.feature_extractor is not None
+                            and source is not None):
+                        feat_jobs.append((c, i, self._wave(source, m, i, cache)))
+            except KimiaError as e:
+                failed[c] = e
+        for key, fn, jobs in (("raw", self.audio_tokenizer, id_jobs), ("feats", self.feature_extractor, feat_jobs)):
+            jobs = [j for j in jobs if j[0] not in failed]
+            for (c, i, _), out in zip(jobs, self._encode_all(fn, jobs, failed)):
+                if out is not None:
+                    caches[c][i][key] = out
+        results: list[PromptBatch | KimiaError] = []
+        for c, msgs in enumerate(conversations):
+            if c not in failed:
+                try:
+                    results.append(self._build(msgs, output_type, add_assistant_start, caches[c]))
+                    continue
+                except KimiaError as e:
+                    failed[c] = e
+            e = failed[c]
+            if errors == "raise":
+                if isinstance(e, PromptError):
+                    raise PromptError(f"conversation {c}: {e}") from None
+                raise e
+            results.append(e)
+        return results
+
+    def _encode_all(self, fn: Callable | None, jobs: list[tuple[int, int, torch.Tensor]],
+                    failed: dict[int, KimiaError]) -> list[Any]:
+        """fn over every job's waveform: one batched call; if it fails, one call each so that the error
+        lands on its own conversation. Results in job order (None where that conversation failed)."""
+        if not jobs:
+            return []
+        waves = [w for _, _, w in jobs]
+        if self.batched_encoders:
+            try:
+                out = fn(waves)
+                if isinstance(out, (list, tuple)) and len(out) == len(waves):
+                    return list(out)
+                raise PromptError(f"a batched audio encoder returned {type(out).__name__} for {len(waves)} waveforms")
+            except KimiaError:
+                log.debug("batched audio encoding failed; encoding one by one to find the culprit", exc_info=True)
+        outs: list[Any] = []
+        for c, i, w in jobs:
+            try:
+                outs.append(fn(w) if c not in failed else None)
+            except KimiaError as e:
+                failed[c] = e
+                outs.append(None)
+        return outs
+
+    # ---- building -----------------------------------------------------------------------------------------
+    def _check_all(self, messages: Any, output_type: str) -> None:
         if output_type not in ("text", "both"):
             raise PromptError(f"output_type must be 'text' or 'both', got {output_type!r}")
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
@@ -168,6 +261,11 @@ class PromptBuilder:
             raise PromptError("empty message list: a prompt needs at least one message")
         for i, m in enumerate(messages):
             self._check(i, m)
+
+    def _build(self, messages: Sequence[Message], output_type: str, add_assistant_start: bool,
+               caches: dict[int, dict[str, Any]]) -> PromptBatch:
+        """Streams of checked messages; caches[i] may hold message i's waveform ("w"), tokenizer output
+        ("raw") and features ("feats") computed beforehand."""
         sp, s = self.specials, _Streams()
         for i, m in enumerate(messages):
             role = m["role"]
@@ -178,9 +276,9 @@ class PromptBuilder:
             if kind == "text":
                 self._text(s, m, role)
             elif kind == "audio":
-                self._audio(s, m, i, role, closes, output_type)
+                self._audio(s, m, i, role, closes, output_type, caches.setdefault(i, {}))
             elif kind == "audio-text":
-                self._audio_text(s, m, i)
+                self._audio_text(s, m, i, caches.setdefault(i, {}))
             if closes:
                 s.add([sp.msg_end], [sp.text_blank])
         if add_assistant_start:
@@ -216,9 +314,9 @@ class PromptBuilder:
         if assistant:
             s.add([sp.text_blank], [sp.text_eos], tloss=True)
 
-    def _audio(self, s: _Streams, m: Message, i: int, role: str, closes: bool, output_type: str) -> None:
+    def _audio(self, s: _Streams, m: Message, i: int, role: str, closes: bool, output_type: str,
+               wave_cache: dict[str, Any]) -> None:
         sp = self.specials
-        wave_cache: dict[str, torch.Tensor] = {}
         ids = self._audio_ids(m, m.get("content"), i, wave_cache)
         assistant = role == "assistant"
         s.add([sp.media_begin], [sp.text_blank])
@@ -230,10 +328,10 @@ class PromptBuilder:
         if closes:
             s.add([sp.speech_ct if output_type == "text" else sp.speech_ctd], [sp.text_blank])
 
-    def _audio_text(self, s: _Streams, m: Message, i: int) -> None:
+    def _audio_text(self, s: _Streams, m: Message, i: int, cache: dict[str, Any]) -> None:
         sp = self.specials
         audio, transcript = m["content"]
-        ids = self._audio_ids(m, audio, i, {})
+        ids = self._audio_ids(m, audio, i, cache)
         text = list(self.tokenizer.encode(transcript))
         width = sp.audio_delay + len(ids)
         if len(text) > width:
@@ -280,7 +378,7 @@ class PromptBuilder:
         else:
             if self.audio_tokenizer is None:
                 raise PromptError(f"message {i}: audio needs an audio tokenizer (none given) or precomputed audio_tokens")
-            raw = self.audio_tokenizer(self._wave(source, m, i, cache))
+            raw = cache["raw"] if "raw" in cache else self.audio_tokenizer(self._wave(source, m, i, cache))
             raw = raw.reshape(-1).tolist() if isinstance(raw, torch.Tensor) else [int(t) for t in raw]
             if any(t < 0 for t in raw):
                 raise PromptError(f"message {i}: audio tokenizer returned negative ids")
@@ -296,7 +394,7 @@ class PromptBuilder:
             if source is None:
                 raise PromptError(f"message {i}: continuous features need the audio content (or 'features') "
                                   "besides audio_tokens")
-            feats = self.feature_extractor(self._wave(source, m, i, cache))
+            feats = cache["feats"] if "feats" in cache else self.feature_extractor(self._wave(source, m, i, cache))
         else:
             return None
         if not isinstance(feats, torch.Tensor):

@@ -280,3 +280,58 @@ def test_llm_fixture_prompts_on_shrunk_vocabulary(fx):
         assert_close(got.audio_ids[None], expected[f"{name}.audio_input_ids"], tol, f"{name} audio stream")
         assert_close(got.text_ids[None], expected[f"{name}.text_input_ids"], tol, f"{name} text stream")
         assert_close(got.continuous_mask[None].to(torch.uint8), expected[f"{name}.is_continuous_mask"], tol, f"{name} mask")
+
+
+class BatchedStubs:
+    """The stubs behind list-taking encoders (like kimia's), counting calls and waveforms per call."""
+
+    def __init__(self, stubs: AudioStubs):
+        self.stubs, self.calls = stubs, {"tokenize": [], "features": []}
+
+    def _call(self, name, fn, audio):
+        items = audio if isinstance(audio, list) else [audio]
+        self.calls[name].append(len(items))
+        out = [fn(w) for w in items]
+        return out if isinstance(audio, list) else out[0]
+
+    def tokenize(self, audio):
+        return self._call("tokenize", self.stubs.tokenize, audio)
+
+    def features(self, audio):
+        return self._call("features", self.stubs.features, audio)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("fx", fixture_params("prompt"))
+def test_build_many_equals_one_by_one_with_one_call_per_encoder(fx):
+    """Every fixture case (grouped by build options) built together == built alone, with one call of each
+    encoder over all the waveforms; a bad conversation in the middle is returned as its error or raised."""
+    fx = require(fx, "prompt")
+    data, sp = _load(fx)
+    tok = next(_tokenizers(fx, data, sp))[1]
+    stubs = AudioStubs(data["audio_semantic_ids"])
+    enc = BatchedStubs(stubs)
+    single = PromptBuilder(tok, sp, audio_tokenizer=stubs.tokenize, feature_extractor=stubs.features)
+    many = PromptBuilder(tok, sp, audio_tokenizer=enc.tokenize, feature_extractor=enc.features, batched_encoders=True)
+    groups: dict[tuple, list] = {}
+    for case in data["cases"]:
+        groups.setdefault((case["output_type"], case["add_assistant_start_msg"]), []).append(case)
+    bad = [{"role": "user", "message_type": "audio", "content": "/nonexistent/a.wav"}]
+    for (output_type, start), cases in groups.items():
+        convs = [_with_audio(c["messages"], lambda name: {"content": stubs.wave(name)}) for c in cases]
+        n_audio = sum(m["message_type"] in ("audio", "audio-text") for c in convs for m in c)
+        n_feat = sum(m["message_type"] == "audio" for c in convs for m in c)
+        enc.calls = {"tokenize": [], "features": []}
+        got = many.build_many(convs[:1] + [bad] + convs[1:], output_type, start, errors="return")
+        assert enc.calls["tokenize"] == ([n_audio] if n_audio else [])
+        assert enc.calls["features"] == ([n_feat] if n_feat else [])
+        assert isinstance(got[1], PromptError) and "audio file not found" in str(got[1])
+        del got[1]
+        for case, conv, g in zip(cases, convs, got):
+            ref = single.build(conv, output_type, start)
+            _check_case(case, g, stubs, f"{case['name']} [build_many]", fx.tol("all_streams"))
+            for f in ("audio_ids", "text_ids", "continuous_mask", "audio_loss_mask", "text_loss_mask"):
+                assert torch.equal(getattr(g, f), getattr(ref, f)), (case["name"], f)
+            assert g.spans == ref.spans and all(torch.equal(a, b) for a, b in zip(g.features, ref.features))
+        with pytest.raises(PromptError, match="conversation 1: message 0: audio file not found"):
+            many.build_many([convs[0], bad], output_type, start)
