@@ -21,13 +21,14 @@ from __future__ import annotations
 import codecs
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from kimia.errors import BudgetError, ConfigError, PromptError
+from kimia.errors import AudioError, BudgetError, ConfigError, PromptError
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,30 @@ class Budgets:
 
 
 # ------------------------------------------------------------------------------------------ stream events
+# Every event carries `row`: the index of its conversation in the call (always 0 for `generate_stream`).
+@dataclass(frozen=True)
+class StreamStart:
+    """The conversation's prompt was built and fits the budget (`generate_batch_stream` only)."""
+
+    row: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamError:
+    """The conversation could not start (bad messages, audio, budget); with errors="yield" only."""
+
+    row: int
+    error: Exception
+
+
 @dataclass(frozen=True)
 class TextPiece:
     """New text of the answer: `delta` (what was added) and `text` (everything so far)."""
 
     delta: str
     text: str
+    row: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,20 +93,24 @@ class AudioPiece:
 
     pcm: torch.Tensor
     sample_rate: int = OUTPUT_SAMPLE_RATE
+    row: int = 0
 
 
 @dataclass(frozen=True)
 class StreamEnd:
-    """Last event: the full text, the full waveform [1, S] (None in text mode / without detokenizer),
-    the raw semantic ids and why generation stopped."""
+    """Last event of a row: the full text, the full waveform [1, S] (None in text mode / without
+    detokenizer), the raw semantic ids, why generation stopped, loop steps and prompt positions."""
 
     text: str
     wav: torch.Tensor | None
     audio_ids: list[int]
     stop_reason: str
+    row: int = 0
+    steps: int = 0
+    prompt_tokens: int = 0
 
 
-StreamEvent = TextPiece | AudioPiece | StreamEnd
+StreamEvent = StreamStart | StreamError | TextPiece | AudioPiece | StreamEnd
 
 
 class _TextStream:
@@ -182,7 +205,7 @@ class KimiAudio:
         self._load_audio = load_audio
         self.prompt_builder = PromptBuilder(
             p.tokenizer, p.specials, audio_tokenizer=p.semantic_tokenizer, feature_extractor=p.feature_extractor,
-            audio_loader=self._audio_file)
+            audio_loader=self._audio_file, batched_encoders=True)
         self.engine = Engine(p.lm, p.specials, device=p.device, dtype=p.dtype)
 
     # ------------------------------------------------------------------ helpers
@@ -196,36 +219,72 @@ class KimiAudio:
                               "(Budgets.max_audio_seconds)")
         return wave
 
-    def _config(self, output_type: str, max_new_tokens: int, kw: dict[str, Any]):
+    def generation_config(self, output_type: str = "text", max_new_tokens: int = -1, **sampling: Any):
+        """The engine's `GenerationConfig` for official `generate` keywords, within this model's budgets."""
         from kimia.engine import GenerationConfig
 
-        cfg = GenerationConfig.from_official(output_type=output_type, max_new_tokens=max_new_tokens, **kw)
+        cfg = GenerationConfig.from_official(output_type=output_type, max_new_tokens=max_new_tokens, **sampling)
         cfg.max_context_both = int(self.budgets.max_context_both)
         cfg.max_context_text = int(self.budgets.max_context_text)
         return cfg
 
-    def _generators(self, seed: int | None) -> tuple[torch.Generator | None, torch.Generator | None]:
-        if seed is None:
-            return None, None
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"seed must be an int or None, got {type(seed).__name__}")
-        return torch.Generator(self.device).manual_seed(seed), torch.Generator().manual_seed(seed)
+    @staticmethod
+    def _seed(seed: Any, what: str = "seed") -> int | None:
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"{what} must be an int or None, got {type(seed).__name__}")
+        return seed
 
-    def _prompt(self, messages: Any, output_type: str):
-        return self.prompt_builder.build(messages, output_type=output_type)
+    def voice_prompt(self, audio: Any, sample_rate: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reference voice for the detokenizer: audio (path, file bytes, array/tensor at `sample_rate`,
+        default 16 kHz for arrays, or a `(array, sample_rate)` pair) -> (mel [4n, 80] float32, the 24 kHz
+        log-mel of `kimia.detokenizer.mel`; semantic ids [n] long, from the loaded tokenizer at 16 kHz),
+        trimmed to the same length (`upsample_factor` mel frames per token). Reuse it across calls."""
+        from kimia.audio import load_audio
+        from kimia.detokenizer.mel import SAMPLE_RATE as MEL_RATE, mel_frames
 
-    def _start_audio(self, speaker_prompt: Any, detok_gen: torch.Generator | None) -> None:
-        """Reset the detokenizer for a new answer (voice prompt prefilled when given)."""
-        d = self.detokenizer
-        d.generator = detok_gen
+        if isinstance(audio, (tuple, list)) and len(audio) == 2 and isinstance(audio[1], (int, np.integer)):
+            audio, sample_rate = audio[0], int(audio[1])
+        if isinstance(audio, (np.ndarray, torch.Tensor)) and sample_rate is None:
+            sample_rate = 16000
+        try:
+            w24 = load_audio(audio, sample_rate, target_sr=MEL_RATE, name="speaker_prompt")
+            w16 = load_audio(audio, sample_rate, target_sr=16000, name="speaker_prompt")
+        except AudioError as e:
+            raise PromptError(f"speaker_prompt: {e}") from None
+        ids = self.parts.semantic_tokenizer.tokenize(w16).reshape(-1).long()
+        mel = mel_frames(w24)
+        up = self.detokenizer.config.upsample_factor if self.detokenizer is not None else 4
+        n = min(ids.shape[0], mel.shape[0] // up)
+        if n == 0:
+            raise PromptError(f"speaker_prompt: {w16.shape[0] / 16000:.3f} s of audio gives no semantic token")
+        return mel[: n * up].float(), ids[:n]
+
+    def _speaker(self, speaker_prompt: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """speaker_prompt as (mel [T, 80], ids [T / upsample]): audio is converted, a (mel, ids) pair checked."""
         if speaker_prompt is None:
-            d.reset()
-            return
-        if not (isinstance(speaker_prompt, (tuple, list)) and len(speaker_prompt) == 2):
-            raise PromptError("speaker_prompt must be (mel [T, 80] at 24 kHz / hop 480, semantic ids [T/4]); "
-                              "reading it from an audio file needs the vocoder mel front end, which kimia does not have yet")
-        mel, ids = speaker_prompt
-        d.prefill_voice(torch.as_tensor(mel), torch.as_tensor(ids))
+            return None
+        pair = isinstance(speaker_prompt, (tuple, list)) and len(speaker_prompt) == 2
+        if pair and not isinstance(speaker_prompt[1], (int, np.integer)):
+            mel, ids = (torch.as_tensor(x) for x in speaker_prompt)
+            if mel.dim() != 2 or mel.shape[-1] != 80 or ids.dim() != 1 or ids.is_floating_point():
+                raise PromptError(f"speaker_prompt (mel, ids) must be a [T, 80] mel and [n] integer ids, got "
+                                  f"{tuple(mel.shape)} and {tuple(ids.shape)} {ids.dtype}")
+            return mel.float(), ids.long()
+        if pair or isinstance(speaker_prompt, (str, os.PathLike, bytes, bytearray, np.ndarray, torch.Tensor)):
+            return self.voice_prompt(speaker_prompt)
+        raise PromptError("speaker_prompt must be an audio file path, a waveform (+ sample rate) or a (mel [T, 80] "
+                          f"at 24 kHz, semantic ids [T/4]) pair, got {type(speaker_prompt).__name__}")
+
+    def _row_detokenizer(self, seed: int | None, voice: tuple[torch.Tensor, torch.Tensor] | None):
+        """A fresh streaming state over the shared DiT and vocoder (noise seeded per answer)."""
+        from kimia.detokenizer.stream import StreamingDetokenizer
+
+        d = self.detokenizer
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        row = StreamingDetokenizer(d.dit, d.vocoder, d.config, generator=gen, noise_provider=d.noise_provider)
+        if voice is not None:
+            row.prefill_voice(*voice)
+        return row
 
     def detokenize_text(self, text_ids: Sequence[int]) -> str:
         """Text of generated ids (audio-range ids dropped, cut at the text EOS), as the official API."""
@@ -246,51 +305,143 @@ class KimiAudio:
             return torch.zeros(1, 0)
         return self.detokenizer.detokenize(ids[None]).float().cpu()
 
-    def _answer(self, result: Any, output_type: str, speaker_prompt: Any, detok_gen_seed: int | None):
-        text = self.tokenizer.decode(result.text_ids)
-        if output_type != "both" or self.detokenizer is None:
-            return None, text
-        self._start_audio(speaker_prompt, self._generators(detok_gen_seed)[1])
-        return self.detokenize_audio(result.audio_ids), text
+    # ------------------------------------------------------------------ the one streaming loop
+    def _stream(self, conversations: Sequence[Sequence[dict]], output_type: str, *, seed: int | None,
+                audio_seeds: Sequence[int | None] | None, generator: torch.Generator | None, speaker_prompt: Any,
+                max_new_tokens: int, errors: str, cancelled: Callable[[int], bool] | None, label: bool,
+                sampling: dict[str, Any]) -> Iterator[StreamEvent]:
+        from kimia.engine import AudioTokens, Finished, TextDelta
+
+        if errors not in ("raise", "yield"):
+            raise ConfigError(f"errors must be 'raise' or 'yield', got {errors!r}")
+        cfg = self.generation_config(output_type, max_new_tokens, **sampling)
+        n = len(conversations)
+        seed = self._seed(seed)
+        if audio_seeds is None:
+            audio_seeds = [seed] * n
+        elif len(audio_seeds) != n:
+            raise ConfigError(f"audio_seeds has {len(audio_seeds)} entries for {n} conversations")
+        audio_seeds = [self._seed(s, "audio_seeds entry") for s in audio_seeds]
+        built = self.prompt_builder.build_many(conversations, output_type, errors="return")
+        rows: list[int] = []  # engine row -> conversation index
+        prompts = []
+        for k, p in enumerate(built):
+            if not isinstance(p, Exception):
+                try:
+                    cfg.steps_for(len(p))
+                except BudgetError as e:
+                    p = e
+            if isinstance(p, Exception):
+                if errors == "raise":
+                    if label and isinstance(p, PromptError):
+                        raise PromptError(f"conversation {k}: {p}") from None
+                    raise p
+                yield StreamError(k, p)
+                continue
+            rows.append(k)
+            prompts.append(p)
+        if not prompts:
+            return
+        speak = output_type == "both" and self.detokenizer is not None
+        voice = self._speaker(speaker_prompt) if speak else None
+        for k, p in zip(rows, prompts):
+            yield StreamStart(k, len(p))
+        if generator is None and seed is not None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        text = [_TextStream(self.tokenizer) for _ in rows]
+        audio = [_AudioStream(self._row_detokenizer(audio_seeds[k], voice)) if speak else None for k in rows]
+        stop = None if cancelled is None else (lambda r: bool(cancelled(rows[r])))
+        events = self.engine.stream(prompts, cfg, generator, audio_chunk=1, cancel=stop)
+        try:
+            for ev in events:
+                r, k = ev.row, rows[ev.row]
+                if isinstance(ev, TextDelta):
+                    delta = text[r].add(ev.ids)
+                    if delta:
+                        yield TextPiece(delta, text[r].text, k)
+                elif isinstance(ev, AudioTokens):
+                    if audio[r] is not None and not (cancelled is not None and cancelled(k)):
+                        for pcm in audio[r].add(ev.ids):
+                            if pcm.numel():
+                                yield AudioPiece(pcm.float(), row=k)
+                elif isinstance(ev, Finished):
+                    delta = text[r].finish()
+                    if delta:
+                        yield TextPiece(delta, text[r].text, k)
+                    wav = None
+                    if audio[r] is not None and ev.result.stop_reason != "cancelled":
+                        pcm = audio[r].finish()
+                        if pcm is not None and pcm.numel():
+                            yield AudioPiece(pcm.float(), row=k)
+                        wav = audio[r].wav()
+                    res = ev.result
+                    yield StreamEnd(text[r].text, wav, list(res.audio_ids), res.stop_reason, k, res.steps,
+                                    res.prompt_length)
+        finally:
+            events.close()
 
     # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def generate_batch_stream(self, conversations: Sequence[Sequence[dict]], output_type: str = "text", *,
+                              seed: int | None = None, audio_seeds: Sequence[int | None] | None = None,
+                              generator: torch.Generator | None = None, speaker_prompt: Any = None,
+                              max_new_tokens: int = -1, errors: str = "raise",
+                              cancelled: Callable[[int], bool] | None = None, **sampling: Any) -> Iterator[StreamEvent]:
+        """Answer many conversations in one batched decode, streaming per-row events as they are produced.
+
+        Events (each with `row` = the conversation's index): `StreamStart` for every conversation that
+        starts, then interleaved `TextPiece`s and `AudioPiece`s (24 kHz PCM, "both" mode), and one
+        `StreamEnd` per row when it stops. All prompts are built with one call per audio encoder
+        (`PromptBuilder.build_many`). Sampling keywords as in `generate`.
+
+        seed: seeds LLM sampling (unless `generator` is given) and every row's detokenizer noise;
+        audio_seeds: per-row detokenizer noise seeds instead (None entries: unseeded). A row's answer
+        equals `generate(seed=...)` for the same seed under greedy sampling.
+        errors: "raise" (a bad conversation raises before anything is decoded; a PromptError names it) or
+        "yield" (it becomes a `StreamError` and the others go on). cancelled(row) -> True: the row stops at
+        the next step (StreamEnd with stop_reason "cancelled", no more audio synthesised for it).
+        """
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
+            raise PromptError("generate_batch() takes a non-empty list of conversations (each a list of messages)")
+        if self.budgets.max_batch is not None and len(conversations) > self.budgets.max_batch:
+            raise BudgetError(f"{len(conversations)} conversations exceed the batch budget of {self.budgets.max_batch} "
+                              "(Budgets.max_batch)")
+        yield from self._stream(conversations, output_type, seed=seed, audio_seeds=audio_seeds, generator=generator,
+                                speaker_prompt=speaker_prompt, max_new_tokens=max_new_tokens, errors=errors,
+                                cancelled=cancelled, label=True, sampling=sampling)
+
     @torch.inference_mode()
     def generate(self, messages: Sequence[dict], output_type: str = "text", audio_temperature: float = 0.0,
                  audio_top_k: int = 5, text_temperature: float = 0.0, text_top_k: int = 5,
                  audio_repetition_penalty: float = 1.0, audio_repetition_window_size: int = 64,
                  text_repetition_penalty: float = 1.0, text_repetition_window_size: int = 16,
                  max_new_tokens: int = -1, seed: int | None = None, speaker_prompt: Any = None):
-        """Answer one conversation. Returns (wav [1, S] float32 @ 24 kHz or None, text)."""
+        """Answer one conversation. Returns (wav [1, S] float32 @ 24 kHz or None, text).
+
+        speaker_prompt: a reference voice for the spoken answer ("both" mode): an audio file path, a
+        waveform (16 kHz, or `(waveform, sample_rate)`), or a precomputed (mel [T, 80], semantic ids [T/4])
+        pair (see `voice_prompt`). It applies to this call only."""
         kw = dict(audio_temperature=audio_temperature, audio_top_k=audio_top_k, text_temperature=text_temperature,
                   text_top_k=text_top_k, audio_repetition_penalty=audio_repetition_penalty,
                   audio_repetition_window_size=audio_repetition_window_size,
                   text_repetition_penalty=text_repetition_penalty, text_repetition_window_size=text_repetition_window_size)
-        cfg = self._config(output_type, max_new_tokens, kw)
-        prompt = self._prompt(messages, output_type)
-        gen, _ = self._generators(seed)
-        (result,) = self.engine.generate([prompt], cfg, gen)
-        return self._answer(result, output_type, speaker_prompt, seed)
+        for ev in self.generate_stream(messages, output_type, seed=seed, speaker_prompt=speaker_prompt,
+                                       max_new_tokens=max_new_tokens, **kw):
+            if isinstance(ev, StreamEnd):
+                return ev.wav, ev.text
+        raise AssertionError("unreachable: the stream always ends with StreamEnd")  # pragma: no cover
 
     @torch.inference_mode()
     def generate_batch(self, conversations: Sequence[Sequence[dict]], output_type: str = "text", seed: int | None = None,
                        speaker_prompt: Any = None, max_new_tokens: int = -1, **sampling: Any) -> list[tuple[torch.Tensor | None, str]]:
         """Answer many conversations in one batched generation; returns [(wav or None, text)] in order.
         Sampling keywords as in `generate`. Under greedy sampling each answer equals its single `generate`."""
-        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
-            raise PromptError("generate_batch() takes a non-empty list of conversations (each a list of messages)")
-        if self.budgets.max_batch is not None and len(conversations) > self.budgets.max_batch:
-            raise BudgetError(f"{len(conversations)} conversations exceed the batch budget of {self.budgets.max_batch} "
-                              "(Budgets.max_batch)")
-        cfg = self._config(output_type, max_new_tokens, sampling)
-        prompts = []
-        for k, conv in enumerate(conversations):
-            try:
-                prompts.append(self._prompt(conv, output_type))
-            except PromptError as e:
-                raise PromptError(f"conversation {k}: {e}") from None
-        gen, _ = self._generators(seed)
-        results = self.engine.generate(prompts, cfg, gen)
-        return [self._answer(r, output_type, speaker_prompt, seed) for r in results]
+        out: list[tuple[torch.Tensor | None, str] | None] = [None] * len(conversations or [])
+        for ev in self.generate_batch_stream(conversations, output_type, seed=seed, speaker_prompt=speaker_prompt,
+                                             max_new_tokens=max_new_tokens, **sampling):
+            if isinstance(ev, StreamEnd):
+                out[ev.row] = (ev.wav, ev.text)
+        return out  # type: ignore[return-value]
 
     @torch.inference_mode()
     def generate_stream(self, messages: Sequence[dict], output_type: str = "text", seed: int | None = None,
@@ -298,36 +449,11 @@ class KimiAudio:
         """Answer one conversation incrementally: `TextPiece`s as text ids decode, `AudioPiece`s (24 kHz PCM)
         as soon as the detokenizer has a chunk, then one `StreamEnd`. Sampling keywords as in `generate`.
         The pieces concatenate to what `generate` returns for the same arguments and seed."""
-        from kimia.engine import AudioTokens, Finished, TextDelta
-
-        cfg = self._config(output_type, max_new_tokens, sampling)
-        prompt = self._prompt(messages, output_type)
-        gen, detok_gen = self._generators(seed)
-        speak = output_type == "both" and self.detokenizer is not None
-        if speak:
-            self._start_audio(speaker_prompt, detok_gen)
-        text = _TextStream(self.tokenizer)
-        audio = _AudioStream(self.detokenizer) if speak else None
-        for ev in self.engine.stream([prompt], cfg, gen, audio_chunk=1):
-            if isinstance(ev, TextDelta):
-                delta = text.add(ev.ids)
-                if delta:
-                    yield TextPiece(delta, text.text)
-            elif isinstance(ev, AudioTokens) and audio is not None:
-                for pcm in audio.add(ev.ids):
-                    if pcm.numel():
-                        yield AudioPiece(pcm.float())
-            elif isinstance(ev, Finished):
-                delta = text.finish()
-                if delta:
-                    yield TextPiece(delta, text.text)
-                wav = None
-                if audio is not None:
-                    pcm = audio.finish()
-                    if pcm is not None and pcm.numel():
-                        yield AudioPiece(pcm.float())
-                    wav = audio.wav()
-                yield StreamEnd(text.text, wav, list(ev.result.audio_ids), ev.result.stop_reason)
+        for ev in self._stream([messages], output_type, seed=seed, audio_seeds=None, generator=None,
+                               speaker_prompt=speaker_prompt, max_new_tokens=max_new_tokens, errors="raise",
+                               cancelled=None, label=False, sampling=sampling):
+            if not isinstance(ev, StreamStart):
+                yield ev
 
 
 def load_model(model_path: str | os.PathLike, **kwargs: Any) -> KimiAudio:
@@ -340,5 +466,5 @@ def available_models() -> list[str]:
     return []
 
 
-__all__ = ["KimiAudio", "Budgets", "TextPiece", "AudioPiece", "StreamEnd", "StreamEvent", "load_model",
-           "available_models", "ASR_INSTRUCTION", "OUTPUT_SAMPLE_RATE"]
+__all__ = ["KimiAudio", "Budgets", "StreamStart", "StreamError", "TextPiece", "AudioPiece", "StreamEnd", "StreamEvent",
+           "load_model", "available_models", "ASR_INSTRUCTION", "OUTPUT_SAMPLE_RATE"]

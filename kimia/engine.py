@@ -28,7 +28,7 @@ forward over the growing sequence every step), used by tests to prove the cached
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,7 +43,7 @@ from kimia.tokens import SpecialTokens
 logger = logging.getLogger(__name__)
 
 OutputType = Literal["text", "both"]
-StopReason = Literal["text_eos", "audio_msg_end", "audio_media_end", "budget", "max_cache_len"]
+StopReason = Literal["text_eos", "audio_msg_end", "audio_media_end", "budget", "max_cache_len", "cancelled"]
 _CACHE_BLOCK = 256  # initial KV room beyond the prompt; the cache doubles (copy, not per-step cat) when full
 
 
@@ -307,16 +307,18 @@ class Engine:
         return out  # type: ignore[return-value]
 
     def stream(self, prompts: Sequence[PromptBatch], config: GenerationConfig, generator: torch.Generator | None = None,
-               *, audio_chunk: int = 20) -> Iterator[Event]:
+               *, audio_chunk: int = 20, cancel: Callable[[int], bool] | None = None) -> Iterator[Event]:
         """Yield TextDelta per new text id, AudioTokens every `audio_chunk` new audio ids (and a final flush),
-        and Finished(row, result) when a row stops. `row` is the index in `prompts`."""
+        and Finished(row, result) when a row stops. `row` is the index in `prompts`.
+        cancel(row) -> True stops that row after the current step (stop_reason "cancelled"), freeing its place
+        in the batch; the other rows go on unchanged."""
         if audio_chunk <= 0:
             raise ConfigError(f"audio_chunk must be positive, got {audio_chunk}")
-        return self._loop(prompts, config, generator, emit=True, audio_chunk=audio_chunk)
+        return self._loop(prompts, config, generator, emit=True, audio_chunk=audio_chunk, cancel=cancel)
 
     # ------------------------------------------------------------------ the loop
     def _loop(self, prompts: Sequence[PromptBatch], config: GenerationConfig, generator: torch.Generator | None,
-              *, emit: bool, audio_chunk: int) -> Iterator[Event]:
+              *, emit: bool, audio_chunk: int, cancel: Callable[[int], bool] | None = None) -> Iterator[Event]:
         _check_prompts(prompts, self.model.config.vocab_size)
         sp, delay = self.specials, self.delay
         rows = [_Row(k, len(p), config.steps_for(len(p))) for k, p in enumerate(prompts)]
@@ -358,6 +360,8 @@ class Engine:
                     if a >= sp.token_offset:
                         row.pending_audio.append(a - sp.token_offset)
                 reason = _stop_reason(row, t, a, i, config, sp, audio_live, hard_cap)
+                if reason is None and cancel is not None and cancel(row.index):
+                    reason = "cancelled"
                 if emit and row.pending_audio and (reason is not None or len(row.pending_audio) >= audio_chunk):
                     yield AudioTokens(row.index, row.pending_audio)
                     row.pending_audio = []

@@ -3,10 +3,12 @@
 Handlers `submit` a `Job` (messages for the API layer, output type, sampling, step budget) with a `sink`
 callback; the worker thread takes the oldest waiting job plus every compatible job that arrives within
 `batch_wait_ms` (same output type, sampling and step budget: the engine shares one `GenerationConfig` per
-batch) up to `batch_size`, builds their prompts, and decodes them together through `Engine.stream`. Events go
+batch) up to `batch_size` and decodes them together. Events go
 back through each job's sink as they are produced: `Started` (the prompt was accepted), `Delta` (text),
-`Audio` (24 kHz PCM, decoded per row by a detokenizer stream that shares the model's DiT and vocoder),
-`Done`, or `Failed`. Jobs with a seed run alone so their answers equal `KimiAudio.generate(seed=...)`.
+`Audio` (24 kHz PCM), `Done`, or `Failed`. Decoding is `KimiAudio.generate_batch_stream` (the one streaming
+implementation: prompts of the batch built with one call per audio encoder, per-row text decoding and
+detokenizer streams); a cancelled job leaves the engine batch at the next step. Jobs with a seed run alone
+so their answers equal `KimiAudio.generate(seed=...)`.
 
 The queue of waiting jobs is bounded (`max_queue`): beyond it `submit` raises `QueueFull` (HTTP 429).
 """
@@ -23,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from kimia.server.metrics import BATCH_BUCKETS, Metrics
 
@@ -89,57 +90,45 @@ class Job:
 
 
 class _Row:
-    """Decoding state of one job inside a batch: incremental text and per-row audio stream."""
+    """Per-job bookkeeping of a batch: metrics and the translation of API stream events to job events."""
 
-    def __init__(self, job: Job, model: Any, prompt_tokens: int, metrics: Metrics):
-        from kimia.api import _AudioStream, _TextStream
-
-        self.job, self.metrics, self.prompt_tokens = job, metrics, prompt_tokens
-        self.text = _TextStream(model.tokenizer)
-        self.audio = None
+    def __init__(self, job: Job, metrics: Metrics):
+        self.job, self.metrics = job, metrics
         self.done = False
         self.first_text = self.first_audio = True
-        detok = model.detokenizer
-        if job.output_type == "both" and detok is not None:
-            from kimia.detokenizer.stream import StreamingDetokenizer
 
-            seed = job.seed if job.seed is not None else random.getrandbits(63)
-            gen = torch.Generator().manual_seed(seed)
-            self.audio = _AudioStream(StreamingDetokenizer(detok.dit, detok.vocoder, detok.config, generator=gen))
+    def live(self) -> bool:
+        return not self.done and not self.job.cancelled.is_set()
 
-    def _text(self, delta: str) -> None:
-        if delta and not self.job.cancelled.is_set():
-            if self.first_text:
-                self.first_text = False
-                self.metrics.observe("kimia_time_to_first_token_seconds", time.monotonic() - self.job.arrived)
-            self.job.emit(Delta(delta))
+    def on(self, ev: Any) -> None:
+        from kimia.api import AudioPiece, StreamEnd, StreamError, StreamStart, TextPiece
 
-    def _audio(self, pcm: torch.Tensor | None) -> None:
-        if pcm is None or not pcm.numel() or self.job.cancelled.is_set():
-            return
-        if self.first_audio:
-            self.first_audio = False
-            self.metrics.observe("kimia_time_to_first_audio_seconds", time.monotonic() - self.job.arrived)
-        self.job.emit(Audio(pcm.float().cpu().numpy().reshape(-1)))
-
-    def on_text(self, ids: list[int]) -> None:
-        self._text(self.text.add(ids))
-
-    def on_audio(self, ids: list[int]) -> None:
-        if self.audio is not None and not self.job.cancelled.is_set():
-            for pcm in self.audio.add(ids):
-                self._audio(pcm)
-
-    def finish(self, result: Any) -> None:
-        self._text(self.text.finish())
-        wav = None
-        if self.audio is not None and not self.job.cancelled.is_set():
-            self._audio(self.audio.finish())
-            wav = self.audio.wav().reshape(-1).numpy()
-        self.done = True
-        self.metrics.inc("kimia_generated_tokens_total", result.steps)
-        reason = "length" if result.stop_reason in ("budget", "max_cache_len") else "stop"
-        self.job.emit(Done(self.text.text, wav, reason, self.prompt_tokens, result.steps))
+        job = self.job
+        if isinstance(ev, StreamStart):
+            job.emit(Started(ev.prompt_tokens))
+        elif isinstance(ev, StreamError):
+            self.done = True
+            job.emit(Failed(ev.error))
+        elif isinstance(ev, TextPiece):
+            if self.live():
+                if self.first_text:
+                    self.first_text = False
+                    self.metrics.observe("kimia_time_to_first_token_seconds", time.monotonic() - job.arrived)
+                job.emit(Delta(ev.delta))
+        elif isinstance(ev, AudioPiece):
+            if self.live():
+                if self.first_audio:
+                    self.first_audio = False
+                    self.metrics.observe("kimia_time_to_first_audio_seconds", time.monotonic() - job.arrived)
+                job.emit(Audio(ev.pcm.float().cpu().numpy().reshape(-1)))
+        elif isinstance(ev, StreamEnd):
+            self.done = True
+            self.metrics.inc("kimia_generated_tokens_total", ev.steps)
+            if ev.stop_reason == "cancelled" or job.cancelled.is_set():
+                return
+            wav = None if ev.wav is None else ev.wav.reshape(-1).float().cpu().numpy()
+            reason = "length" if ev.stop_reason in ("budget", "max_cache_len") else "stop"
+            job.emit(Done(ev.text, wav, reason, ev.prompt_tokens, ev.steps))
 
 
 class Batcher:
@@ -148,6 +137,10 @@ class Batcher:
     def __init__(self, model: Any, *, batch_size: int = 8, batch_wait_ms: float = 5.0, max_queue: int = 64,
                  metrics: Metrics | None = None):
         self.model = model
+        budget = getattr(getattr(model, "budgets", None), "max_batch", None)
+        if budget is not None and batch_size > budget:
+            log.info("batch_size %d lowered to the model's Budgets.max_batch %d", batch_size, budget)
+            batch_size = budget
         self.batch_size, self.batch_wait, self.max_queue = batch_size, batch_wait_ms / 1000.0, max_queue
         self.metrics = metrics or Metrics()
         self._pending: deque[Job] = deque()
@@ -231,50 +224,38 @@ class Batcher:
             finally:
                 self.busy = False
 
-    @torch.inference_mode()
     def run(self, batch: list[Job]) -> None:
-        """Decode `batch` (compatible jobs) together, emitting each job's events."""
-        from kimia.engine import AudioTokens, Finished, GenerationConfig, TextDelta
-
-        model, first = self.model, batch[0]
-        cfg = GenerationConfig.from_official(output_type=first.output_type, max_new_tokens=first.max_new_tokens,
-                                             **first.sampling)
-        cfg.max_context_both = int(model.budgets.max_context_both)
-        cfg.max_context_text = int(model.budgets.max_context_text)
-        prompts, rows = [], []
-        for job in batch:
-            if job.cancelled.is_set():
-                continue
-            try:
-                prompt = model.prompt_builder.build(job.messages, output_type=job.output_type)
-                cfg.steps_for(len(prompt))  # BudgetError for this job only
-            except Exception as e:
-                job.emit(Failed(e))
-                continue
-            prompts.append(prompt)
-            rows.append(_Row(job, model, len(prompt), self.metrics))
-            job.emit(Started(len(prompt)))
-        if not rows:
+        """Decode `batch` (compatible jobs) together through `KimiAudio.generate_batch_stream`, emitting each
+        job's events. A job whose prompt fails (bad audio, budget) fails alone."""
+        jobs = [j for j in batch if not j.cancelled.is_set()]
+        if not jobs:
             return
-        self.metrics.observe("kimia_batch_size", len(rows), BATCH_BUCKETS)
-        self.metrics.inc("kimia_batches_total")
-        gen = torch.Generator(model.device).manual_seed(first.seed) if first.seed is not None else None
-        stream = model.engine.stream(prompts, cfg, gen, audio_chunk=1)
+        first = jobs[0]
+        rows = [_Row(job, self.metrics) for job in jobs]
+        # every answer gets its own detokenizer noise; only a seeded (solo) job is reproducible
+        seeds = [j.seed if j.seed is not None else random.getrandbits(63) for j in jobs]
+        stream = self.model.generate_batch_stream(
+            [j.messages for j in jobs], first.output_type, seed=first.seed, audio_seeds=seeds,
+            max_new_tokens=first.max_new_tokens, errors="yield", cancelled=lambda r: jobs[r].cancelled.is_set(),
+            **first.sampling)
+        waiting, started = len(jobs), 0
         try:
             for ev in stream:
                 row = rows[ev.row]
-                if isinstance(ev, TextDelta):
-                    row.on_text(ev.ids)
-                elif isinstance(ev, AudioTokens):
-                    row.on_audio(ev.ids)
-                elif isinstance(ev, Finished):
-                    row.finish(ev.result)
-                if all(r.done or r.job.cancelled.is_set() for r in rows):
+                row.on(ev)
+                if waiting:  # the start/error events of every job come before any decoding
+                    waiting -= 1
+                    started += not row.done
+                    if not waiting and started:
+                        self.metrics.observe("kimia_batch_size", started, BATCH_BUCKETS)
+                        self.metrics.inc("kimia_batches_total")
+                if not waiting and not any(r.live() for r in rows):
                     break
         except Exception as e:
             log.exception("engine failed on a batch of %d", len(rows))
             for r in rows:
                 if not r.done:
+                    r.done = True
                     r.job.emit(Failed(e))
         finally:
             stream.close()
