@@ -22,7 +22,7 @@ from kimia.eval.cli import main as eval_main
 from kimia.eval.datasets import load_manifest, resolve_data
 from kimia.eval.recipes import Recipe, builtin_recipes, load_recipe
 from kimia.eval.report import compare_runs, score_run
-from kimia.eval.runner import finished_predictions, merge_shards, run_dataset
+from kimia.eval.runner import finished_predictions, run_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,12 +12,11 @@ import soundfile as sf
 import torch
 
 from kimia.detokenizer.bigvgan import BigVGAN, BigVGANConfig, save_vocoder
-from kimia.detokenizer.dit import DiT, DiTConfig, to_timestep
+from kimia.detokenizer.dit import DiTConfig, to_timestep
 from kimia.detokenizer.loader import load_detokenizer, load_dit
 from kimia.detokenizer.stream import StreamConfig
 from kimia.train.config import load_config
-from kimia.train.dit import (DiTRecipe, DiTTrainConfig, FlowMatchingDiT, FlowSpec, flow_pair, init_dit_weights,
-                             masked_dit_forward, train_dit)
+from kimia.train.dit import (DiTRecipe, DiTTrainConfig, FlowMatchingDiT, FlowSpec, flow_pair, masked_dit_forward, train_dit)
 from kimia.train.vocoder import SyntheticVoiced
 from kimia.train.vq import VQRecipe, VQTrainConfig
 

@@ -13,7 +13,6 @@ import torch
 
 from kimia.detokenizer.bigvgan import fold_weight_norm_state_dict, load_vocoder
 from kimia.detokenizer.mel import MelConfig, mel_frames, mel_spectrogram
-from kimia.train.common import Trainer
 from kimia.train.config import load_config
 from kimia.train.discriminators import (DiscriminatorConfig, Discriminators, discriminator_loss,
                                         feature_matching_loss, generator_adv_loss)

@@ -48,7 +48,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -561,7 +561,18 @@ class Trainer:
         return folder if self.env.is_main else None
 
 
+def run_recipe(recipe: Recipe, cfg: Any, env: DistEnv | None = None) -> tuple[Trainer, list[dict[str, Any]]]:
+    """Train `recipe` with `cfg.train` / `cfg.optim`; once the run has reached its last step, export the native
+    folder to `cfg.export_dir` (default `<train.out_dir>/export`). Returns (trainer, history)."""
+    trainer = Trainer(recipe, cfg.train, cfg.optim, env=env, full_config=cfg)
+    history = trainer.fit()
+    if trainer.step >= cfg.train.steps:
+        trainer.export(Path(cfg.export_dir or Path(cfg.train.out_dir) / "export"))
+    return trainer, history
+
+
 __all__ = [
+    "run_recipe",
     "DistEnv", "init_distributed", "resolve_device", "resolve_precision", "build_optimizer", "build_scheduler",
     "lr_factor", "GlobalBatchOrder", "LossOutput", "Recipe", "Trainer", "move_to", "latest_checkpoint",
     "save_state_dict", "load_state_dict_file", "rng_state", "set_rng_state",

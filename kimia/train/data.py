@@ -270,5 +270,49 @@ class SyntheticLMDataset:
         return self.builder.build(conv, output_type=output_type_of(task), add_assistant_start=False)
 
 
-__all__ = ["LMBatch", "collate_lm", "shift_left", "truncate_prompt", "AudioCache", "read_manifests",
+
+# ---------------------------------------------------------------- audio manifests (VQ, DiT, vocoder recipes)
+def _resolve_path(p: str, manifest: Path) -> str:
+    """Absolute paths as they are; relative ones against the manifest's folder, else the corpus root
+    (the manifest's grandparent: `kimia data synth` writes <root>/manifests/*.jsonl)."""
+    if os.path.isabs(p):
+        return p
+    for base in (manifest.parent, manifest.parent.parent):
+        if (base / p).exists():
+            return str(base / p)
+    return str(manifest.parent / p)
+
+
+def read_audio_manifest(paths: Iterable[str | os.PathLike], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Records of jsonl manifests that have every field of `keys` non-empty (others are counted and skipped);
+    fields ending in `_path` are resolved to usable paths."""
+    out: list[dict[str, Any]] = []
+    skipped = 0
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise ConfigError(f"manifest not found: {p}")
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{p}:{n}: invalid JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise ConfigError(f"{p}:{n}: a record must be a JSON object")
+            if any(not isinstance(rec.get(k), str) or not rec[k] for k in keys):
+                skipped += 1
+                continue
+            for k in keys:
+                if k.endswith("_path"):
+                    rec[k] = _resolve_path(rec[k], p)
+            out.append(rec)
+    if skipped:
+        logger.info("manifests: skipped %d records without %s", skipped, ", ".join(keys))
+    if not out:
+        raise ConfigError(f"no usable records (with {', '.join(keys)}) in {[str(p) for p in paths]}")
+    return out
+
+__all__ = ["LMBatch", "collate_lm", "shift_left", "truncate_prompt", "AudioCache", "read_manifests", "read_audio_manifest",
            "ManifestLMDataset", "SyntheticLMDataset", "IdTokenizer", "output_type_of"]

@@ -40,7 +40,8 @@ from kimia.detokenizer.mel import DEFAULT as MEL, mel_frames
 from kimia.errors import ConfigError
 from kimia.train.common import LossOutput, Recipe
 from kimia.train.config import OptimConfig, TrainConfig, to_dict
-from kimia.train.vocoder import SyntheticVoiced, read_audio_manifest
+from kimia.train.data import read_audio_manifest
+from kimia.train.vocoder import SyntheticVoiced
 
 logger = logging.getLogger(__name__)
 
@@ -352,14 +353,9 @@ class DiTRecipe(Recipe):
 
 def train_dit(cfg: DiTTrainConfig, dataset: Sequence | None = None, env=None):
     """Build the recipe and trainer, train, export when the run is complete; returns (trainer, history)."""
-    from kimia.train.common import Trainer
+    from kimia.train.common import run_recipe
 
-    recipe = DiTRecipe(cfg, dataset)
-    trainer = Trainer(recipe, cfg.train, cfg.optim, env=env, full_config=cfg)
-    history = trainer.fit()
-    if trainer.step >= cfg.train.steps:
-        trainer.export(Path(cfg.export_dir or Path(cfg.train.out_dir) / "export"))
-    return trainer, history
+    return run_recipe(DiTRecipe(cfg, dataset), cfg, env)
 
 
 __all__ = ["DiTTrainConfig", "DiTModelSpec", "DiTDataSpec", "FlowSpec", "FlowMatchingDiT", "DiTRecipe", "DiTBatch",

@@ -278,14 +278,9 @@ class LMRecipe(Recipe):
 
 def train_lm(cfg: LMTrainConfig, dataset: Any = None, env=None) -> tuple[Any, list[dict[str, Any]]]:
     """Build the recipe and trainer, train, export; returns (trainer, history)."""
-    from kimia.train.common import Trainer
+    from kimia.train.common import run_recipe
 
-    recipe = LMRecipe(cfg, dataset)
-    trainer = Trainer(recipe, cfg.train, cfg.optim, env=env, full_config=cfg)
-    history = trainer.fit()
-    if trainer.step >= cfg.train.steps:
-        trainer.export(cfg.export_dir or Path(cfg.train.out_dir) / "export")
-    return trainer, history
+    return run_recipe(LMRecipe(cfg, dataset), cfg, env)
 
 
 __all__ = ["LMTrainConfig", "LMModelSpec", "LoRASpec", "LMDataSpec", "LMRecipe", "masked_ce", "lm_loss", "freeze",

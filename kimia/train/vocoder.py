@@ -17,16 +17,14 @@ Segment offsets come from torch's default generator, which the Trainer seeds per
 so a resumed run cuts the same segments. Export folds weight norm and writes `save_vocoder`'s native
 folder (config.json + model.safetensors) that `kimia.detokenizer.bigvgan.load_vocoder` reads.
 
-`read_audio_manifest` (jsonl with audio paths + text) is shared by the DiT and VQ recipes.
+Manifests are read with `kimia.train.data.read_audio_manifest`, as in the DiT and VQ recipes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,54 +40,11 @@ from kimia.detokenizer.mel import DEFAULT as MEL, MelConfig, linear_magnitude, m
 from kimia.errors import ConfigError
 from kimia.train.common import LossOutput, Recipe
 from kimia.train.config import OptimConfig, TrainConfig, to_dict
+from kimia.train.data import read_audio_manifest
 from kimia.train.discriminators import (DiscriminatorConfig, Discriminators, discriminator_loss,
                                         feature_matching_loss, generator_adv_loss)
 
 logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------ manifests
-def _resolve_path(p: str, manifest: Path) -> str:
-    """Absolute paths as they are; relative ones against the manifest's folder, else the corpus root
-    (the manifest's grandparent: `kimia data synth` writes <root>/manifests/*.jsonl)."""
-    if os.path.isabs(p):
-        return p
-    for base in (manifest.parent, manifest.parent.parent):
-        if (base / p).exists():
-            return str(base / p)
-    return str(manifest.parent / p)
-
-
-def read_audio_manifest(paths: Iterable[str | os.PathLike], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Records of jsonl manifests that have every field of `keys` non-empty (others are counted and skipped);
-    fields ending in `_path` are resolved to usable paths."""
-    out: list[dict[str, Any]] = []
-    skipped = 0
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise ConfigError(f"manifest not found: {p}")
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{p}:{n}: invalid JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise ConfigError(f"{p}:{n}: a record must be a JSON object")
-            if any(not isinstance(rec.get(k), str) or not rec[k] for k in keys):
-                skipped += 1
-                continue
-            for k in keys:
-                if k.endswith("_path"):
-                    rec[k] = _resolve_path(rec[k], p)
-            out.append(rec)
-    if skipped:
-        logger.info("manifests: skipped %d records without %s", skipped, ", ".join(keys))
-    if not out:
-        raise ConfigError(f"no usable records (with {', '.join(keys)}) in {[str(p) for p in paths]}")
-    return out
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -312,16 +267,11 @@ class VocoderRecipe(Recipe):
 
 def train_vocoder(cfg: VocoderTrainConfig, dataset: Sequence | None = None, env=None):
     """Build the recipe and trainer, train, export when the run is complete; returns (trainer, history)."""
-    from kimia.train.common import Trainer
+    from kimia.train.common import run_recipe
 
-    recipe = VocoderRecipe(cfg, dataset)
-    trainer = Trainer(recipe, cfg.train, cfg.optim, env=env, full_config=cfg)
-    history = trainer.fit()
-    if trainer.step >= cfg.train.steps:
-        trainer.export(cfg.export_dir or Path(cfg.train.out_dir) / "export")
-    return trainer, history
+    return run_recipe(VocoderRecipe(cfg, dataset), cfg, env)
 
 
 __all__ = ["VocoderTrainConfig", "VocoderModelSpec", "VocoderDataSpec", "VocoderLossSpec", "VocoderGAN",
-           "VocoderRecipe", "VocoderBatch", "SyntheticVoiced", "ManifestAudio", "read_audio_manifest",
+           "VocoderRecipe", "VocoderBatch", "SyntheticVoiced", "ManifestAudio",
            "random_segment", "multi_resolution_stft_loss", "train_vocoder"]

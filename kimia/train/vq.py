@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from kimia.encoders.semantic import HOP_LENGTH, SemanticEncoder, SemanticTokeniz
 from kimia.errors import ConfigError
 from kimia.train.common import LossOutput, Recipe
 from kimia.train.config import OptimConfig, TrainConfig, to_dict
-from kimia.train.vocoder import read_audio_manifest
+from kimia.train.data import read_audio_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -448,14 +447,9 @@ class VQRecipe(Recipe):
 
 def train_vq(cfg: VQTrainConfig, dataset: Sequence | None = None, env=None):
     """Build the recipe and trainer, train, export when the run is complete; returns (trainer, history)."""
-    from kimia.train.common import Trainer
+    from kimia.train.common import run_recipe
 
-    recipe = VQRecipe(cfg, dataset)
-    trainer = Trainer(recipe, cfg.train, cfg.optim, env=env, full_config=cfg)
-    history = trainer.fit()
-    if trainer.step >= cfg.train.steps:
-        trainer.export(Path(cfg.export_dir or Path(cfg.train.out_dir) / "export"))
-    return trainer, history
+    return run_recipe(VQRecipe(cfg, dataset), cfg, env)
 
 
 __all__ = ["VQTrainConfig", "VQModelSpec", "VQSpec", "VQDataSpec", "SemanticVQModel", "VQRecipe", "VQBatch",
