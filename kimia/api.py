@@ -246,17 +246,19 @@ class KimiAudio:
             audio, sample_rate = audio[0], int(audio[1])
         if isinstance(audio, (np.ndarray, torch.Tensor)) and sample_rate is None:
             sample_rate = 16000
+        name = f"speaker_prompt {audio}" if isinstance(audio, (str, os.PathLike)) else "speaker_prompt audio"
         try:
-            w24 = load_audio(audio, sample_rate, target_sr=MEL_RATE, name="speaker_prompt")
-            w16 = load_audio(audio, sample_rate, target_sr=16000, name="speaker_prompt")
+            w24 = load_audio(audio, sample_rate, target_sr=MEL_RATE, name=name)
+            w16 = load_audio(audio, sample_rate, target_sr=16000, name=name)
         except AudioError as e:
-            raise PromptError(f"speaker_prompt: {e}") from None
+            raise PromptError(str(e)) from None
         ids = self.parts.semantic_tokenizer.tokenize(w16).reshape(-1).long()
         mel = mel_frames(w24)
         up = self.detokenizer.config.upsample_factor if self.detokenizer is not None else 4
         n = min(ids.shape[0], mel.shape[0] // up)
         if n == 0:
-            raise PromptError(f"speaker_prompt: {w16.shape[0] / 16000:.3f} s of audio gives no semantic token")
+            raise PromptError(f"speaker_prompt: {w16.shape[0] / 16000:.3f} s of audio is too short for one semantic "
+                              f"token ({up} mel frames)")
         return mel[: n * up].float(), ids[:n]
 
     def _speaker(self, speaker_prompt: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
