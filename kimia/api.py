@@ -6,14 +6,17 @@ semantic tokenizer and the Whisper feature extractor as its audio encoders), the
 the streaming detokenizer turns semantic ids into 24 kHz audio.
 
 `generate` keeps the official signature, parameter names and defaults and returns `(wav [1, S] float32 at
-24 kHz or None, text)`. Audio is synthesised with the release's chunk schedule (30-token chunks, the last one
-final). `generate_stream` drives the same loop but pushes audio ids into the detokenizer as they arrive, with
-exactly the same chunk boundaries and noise draws, so its PCM pieces concatenate to `generate`'s waveform and
-its text deltas to `generate`'s text. `generate_batch` runs many conversations through the engine's batching.
+24 kHz or None, text)`. There is ONE decoding loop, `generate_batch_stream`: all prompts built together
+(`PromptBuilder.build_many`, one call per audio encoder), one batched engine decode, per-row incremental text
+decoding and a per-row streaming detokenizer (sharing the model's DiT and vocoder) fed on the release's
+offline chunk schedule (30-token chunks, the last one final), so streamed PCM concatenates to the offline
+waveform. `generate`, `generate_stream` and `generate_batch` (and the server's batcher) are views of it.
+A voice prompt (`speaker_prompt`: audio or a (mel, ids) pair, see `voice_prompt`) prefills each answer's
+detokenizer and applies to that call only.
 
-Randomness: `seed` builds one generator for LLM sampling and one (CPU, as the release draws noise on the CPU)
-for the detokenizer noise; the detokenizer generator is re-seeded for every answer, so a batched answer's
-audio equals its single run. Length limits are configuration (`Budgets`) and raise `BudgetError`.
+Randomness: `seed` builds one generator for LLM sampling and, per answer, one (CPU, as the release draws noise
+on the CPU) for the detokenizer noise, so a batched answer's audio equals its single run.
+Length limits are configuration (`Budgets`) and raise `BudgetError`.
 """
 
 from __future__ import annotations
