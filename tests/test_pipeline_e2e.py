@@ -9,6 +9,7 @@ stage are refused, and a packaged frozen part is referenced by checksum and veri
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -111,6 +112,20 @@ def test_changed_settings_of_a_finished_stage_are_refused(run):
     cfg = load_pipeline_config(TINY, [f"work_dir={work}", "eval.limit=1"])
     with pytest.raises(ConfigError, match="eval"):
         Pipeline(cfg).run(["eval"])
+
+
+def test_a_redone_stage_makes_its_users_stale(run, tmp_path):
+    """Redoing the vocoder (faked by touching its marker) leaves assemble older than its input: refused."""
+    work, _ = run
+    copy = tmp_path / "w"
+    shutil.copytree(work, copy, symlinks=True)
+    marker = copy / "vocoder" / MARKER
+    doc = json.loads(marker.read_text())
+    doc["t"] = time.time()
+    marker.write_text(json.dumps(doc))
+    cfg = load_pipeline_config(TINY, [f"work_dir={copy}"])
+    with pytest.raises(ConfigError, match="assemble.*older than.*vocoder"):
+        Pipeline(cfg).run(["assemble"])
 
 
 def test_unknown_stage_is_a_config_error(tmp_path):

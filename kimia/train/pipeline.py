@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 STAGES = ("corpus", "whisper", "vq", "lm_init", "tokenize", "lm", "dit", "vocoder", "assemble", "eval")
 TRAIN_STAGES = ("vq", "lm", "dit", "vocoder")
 MARKER = "DONE.json"
+DEPENDS = {"corpus": (), "whisper": (), "vq": ("corpus",), "lm_init": ("whisper", "vq"),
+           "tokenize": ("corpus", "whisper", "vq", "lm_init"), "lm": ("whisper", "lm_init", "tokenize"),
+           "dit": ("corpus", "vq"), "vocoder": ("corpus",), "assemble": ("whisper", "vq", "lm", "dit", "vocoder"),
+           "eval": ("assemble",)}
 EVAL_RECIPES = {"asr": "asr", "spoken_qa": "audio_qa", "sound": "sound_event", "style": "emotion",
                 "dialogue": "conversation"}
 
@@ -203,7 +207,7 @@ class Pipeline:
         d = self.dir(stage)
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"stage": stage, "fingerprint": fp, "seconds": round(seconds, 2),
+        tmp.write_text(json.dumps({"stage": stage, "fingerprint": fp, "seconds": round(seconds, 2), "t": time.time(),
                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "info": info},
                                   indent=2) + "\n")
         os.replace(tmp, d / MARKER)
@@ -248,6 +252,12 @@ class Pipeline:
             if done["fingerprint"] != fp:
                 raise ConfigError(f"stage {stage!r} finished under other settings ({self.dir(stage) / MARKER}); "
                                   f"pass --force {stage} to redo it with the new ones (later stages too)")
+            newer = [d for d in DEPENDS[stage] if (self._marker(d) or {}).get("t", 0) > done.get("t", 0)]
+            if newer:
+                hint = (f"; its checkpoints were made from the old inputs: delete {self.dir(stage)} to train it "
+                        "afresh" if stage in TRAIN_STAGES else "")
+                raise ConfigError(f"stage {stage!r} is older than the stage(s) {newer} it uses: pass --force "
+                                  f"{stage} to redo it{hint}")
             return StageResult(stage, "skipped", 0.0, done.get("info", {}))
         if done is not None:
             (self.dir(stage) / MARKER).unlink()
