@@ -136,7 +136,10 @@ def test_unknown_stage_is_a_config_error(tmp_path):
 def test_packaged_whisper_is_referenced_by_checksum_and_verified(tmp_path):
     """The frozen Whisper base is not copied: kimia.json names the package files and their sha256, and a
     folder whose checksum does not match the installed package fails to resolve, naming the package."""
-    from kimia.model_folder import packaged_whisper_reference, resolve_packaged_reference
+    from kimia.model_folder import (
+        packaged_whisper_reference,
+        resolve_packaged_reference,
+    )
 
     ref = packaged_whisper_reference("base")
     assert ref["packaged_whisper"] == "base" and len(ref["files"]) == 2

@@ -14,6 +14,10 @@ verifies file by file at load time. Every copied file's sha256 and size are list
 Before anything is written the parts are loaded together once (`load_model_folder` on the staged folder),
 so a dimension mismatch (adaptor width, codebook vs audio vocabulary vs DiT vocabulary) fails here with the
 loader's message instead of at the user's first `generate`.
+
+Starting parts for the pipeline's `whisper` and `lm_init` stages live here too: a seeded random Whisper in the
+HF folder layout and a random AudioLM trunk sized to a real text tokenizer (SmolLM2's vocabulary read from the
+packaged GGUF without its weights), so the toy pipeline runs the same code paths as the real one.
 """
 
 from __future__ import annotations
@@ -203,5 +207,106 @@ def update_card_section(folder: str | os.PathLike, section: str, body: str) -> N
     path.write_text(f"{before}{head}\n{body.strip()}\n\n{tail}")
 
 
-__all__ = ["ModelParts", "CardInfo", "assemble_model_folder", "write_card", "update_card_section", "sha256_file",
-           "TOKENIZER_SPEC"]
+# ------------------------------------------------------------------------------------------ starting parts
+def folder_tokenizer(root: Path) -> Any:
+    """The text tokenizer the LM recipe trains with: the LM folder's spec, SmolLM2's pattern included."""
+    from kimia.tokens import (
+        TextTokenizer,
+        load_tokenizer,
+        read_added_tokens,
+        read_tiktoken_ranks,
+    )
+
+    spec = json.loads((root / TOKENIZER_SPEC).read_text())
+    if "pattern" in spec:
+        return TextTokenizer(read_tiktoken_ranks(root / spec["file"]), read_added_tokens(root / spec["specials"]),
+                             pattern=spec["pattern"])
+    return load_tokenizer(spec, root)
+
+
+def write_random_whisper(folder: Path, preset: str, seed: int = 0) -> Path:
+    """A seeded random Whisper encoder in the HF folder layout (config.json + `encoder.*` safetensors), the
+    format the LM recipe's frozen-feature loader and `kimia.model_folder` both read (tests, smoke runs)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kimia.encoders.layers import init_encoder_weights
+    from kimia.encoders.whisper import WhisperEncoder, WhisperEncoderConfig
+
+    cfg = WhisperEncoderConfig.from_name(preset)
+    enc = WhisperEncoder(cfg)
+    init_encoder_weights(enc, torch.Generator().manual_seed(seed))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({f"encoder.{k}": v.contiguous() for k, v in enc.state_dict().items()}, str(folder / "model.safetensors"))
+    hf = {"model_type": "whisper", "activation_function": "gelu", "num_mel_bins": cfg.n_mels, "d_model": cfg.d_model,
+          "encoder_layers": cfg.n_layers, "encoder_attention_heads": cfg.n_heads, "encoder_ffn_dim": cfg.ffn_dim,
+          "max_source_positions": cfg.max_source_positions}
+    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return folder
+
+
+def smollm2_text_tokenizer(folder: Path) -> tuple[dict[str, Any], int]:
+    """SmolLM2's vocabulary + the Kimi specials (no weights read): (spec, number of SmolLM2 tokens); writes
+    the rank file, the special table and the spec into `folder`."""
+    import gguf
+
+    from kimia.train.init_smollm2 import GGUFModel, find_smollm2_gguf, write_tokenizer
+
+    r = gguf.GGUFReader(str(find_smollm2_gguf()))
+    toks, types = r.fields["tokenizer.ggml.tokens"], r.fields["tokenizer.ggml.token_type"]
+    tokens = [bytes(toks.parts[i]).decode("utf-8") for i in toks.data]
+    token_types = [int(types.parts[i][0]) for i in types.data]
+    return write_tokenizer(GGUFModel({}, {}, tokens, token_types, ""), folder), len(tokens)
+
+
+def write_random_lm(folder: Path, preset: str, tokenizer: str, *, audio_vocab: int, adaptor_input_dim: int,
+                    overrides: dict[str, Any] | None = None, seed: int = 0) -> Path:
+    """A native AudioLM folder with a random `preset` trunk sized to a real text tokenizer ("smollm2" or a
+    tiktoken rank file) + the release specials + `audio_vocab` audio ids, with its `kimia_tokenizer.json`."""
+    import torch
+
+    from kimia.checkpoints.native import save_native_lm
+    from kimia.lm.config import AudioLMConfig
+    from kimia.lm.model import AudioLM
+    from kimia.tokens import NUM_SPECIALS, SpecialTokens, read_tiktoken_ranks
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "smollm2":
+        spec, base = smollm2_text_tokenizer(folder)
+    else:
+        src = Path(tokenizer)
+        if not src.is_file():
+            raise ConfigError(f"lm_init.tokenizer {tokenizer!r} is neither 'smollm2' nor a tiktoken rank file")
+        (folder / "tokenizer").mkdir(exist_ok=True)
+        shutil.copyfile(src, folder / "tokenizer" / src.name)
+        base = len(read_tiktoken_ranks(src))
+        spec = {"type": "tiktoken", "file": f"tokenizer/{src.name}", "specials": {"base": base}}
+        (folder / TOKENIZER_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    offset = base + NUM_SPECIALS
+    sp = SpecialTokens.from_base(base, token_offset=offset)
+    fields = dict(vocab_size=offset + audio_vocab, bos_token_id=sp.bos, eos_token_ids=[sp.eos, sp.msg_end],
+                  pad_token_id=sp.pad, kimia_token_offset=offset, kimia_text_output_vocab=offset,
+                  kimia_audio_output_vocab=audio_vocab, num_audio_special_tokens=0, num_base_tokens=base,
+                  kimia_adaptor_input_dim=adaptor_input_dim, kimia_media_begin=sp.media_begin,
+                  kimia_media_end=sp.media_end, torch_dtype="float32")
+    fields.update(overrides or {})
+    cfg = AudioLMConfig.from_name(preset, **fields)
+    model = AudioLM(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    save_native_lm(model, folder)
+    return folder
+
+
+__all__ = [
+    "TOKENIZER_SPEC",
+    "CardInfo",
+    "ModelParts",
+    "assemble_model_folder",
+    "folder_tokenizer",
+    "sha256_file",
+    "smollm2_text_tokenizer",
+    "update_card_section",
+    "write_card",
+    "write_random_lm",
+    "write_random_whisper",
+]

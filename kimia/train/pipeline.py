@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Any
 import yaml
 
 from kimia.errors import ConfigError, KimiaError
+from kimia.train.assemble import folder_tokenizer, write_random_lm, write_random_whisper
 from kimia.train.config import apply_overrides, from_dict, load_config, to_dict
 
 logger = logging.getLogger(__name__)
@@ -422,7 +422,12 @@ class Pipeline:
         from kimia.lm.config import AudioLMConfig
         from kimia.prompt import PromptBuilder
         from kimia.tokens import SpecialTokens
-        from kimia.train.data import AudioCache, ManifestLMDataset, output_type_of, read_manifests
+        from kimia.train.data import (
+            AudioCache,
+            ManifestLMDataset,
+            output_type_of,
+            read_manifests,
+        )
 
         lm_dir = self.dir("lm_init") / "model"
         lm_cfg = AudioLMConfig.from_json(lm_dir / "config.json")
@@ -491,7 +496,7 @@ class Pipeline:
             from kimia.data.manifest import format_summary
 
             return "```\n" + format_summary(json.loads(p.read_text())) + "\n```"
-        except Exception:  # an older/other summary layout: show it raw
+        except (KeyError, TypeError, ValueError, AttributeError):  # another summary layout: show it raw
             return "```\n" + p.read_text()[:4000] + "\n```"
 
     def _card_compute(self) -> str:
@@ -603,92 +608,6 @@ def _recipe_train_fn(stage: str):
     return f
 
 
-def folder_tokenizer(root: Path) -> Any:
-    """The text tokenizer the LM recipe trains with: the LM folder's spec, SmolLM2's pattern included."""
-    from kimia.tokens import TextTokenizer, load_tokenizer, read_added_tokens, read_tiktoken_ranks
-    from kimia.train.assemble import TOKENIZER_SPEC
-
-    spec = json.loads((root / TOKENIZER_SPEC).read_text())
-    if "pattern" in spec:
-        return TextTokenizer(read_tiktoken_ranks(root / spec["file"]), read_added_tokens(root / spec["specials"]),
-                             pattern=spec["pattern"])
-    return load_tokenizer(spec, root)
-
-
-def write_random_whisper(folder: Path, preset: str, seed: int = 0) -> Path:
-    """A seeded random Whisper encoder in the HF folder layout (config.json + `encoder.*` safetensors), the
-    format the LM recipe's frozen-feature loader and `kimia.model_folder` both read (tests, smoke runs)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from kimia.encoders.layers import init_encoder_weights
-    from kimia.encoders.whisper import WhisperEncoder, WhisperEncoderConfig
-
-    cfg = WhisperEncoderConfig.from_name(preset)
-    enc = WhisperEncoder(cfg)
-    init_encoder_weights(enc, torch.Generator().manual_seed(seed))
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({f"encoder.{k}": v.contiguous() for k, v in enc.state_dict().items()}, str(folder / "model.safetensors"))
-    hf = {"model_type": "whisper", "activation_function": "gelu", "num_mel_bins": cfg.n_mels, "d_model": cfg.d_model,
-          "encoder_layers": cfg.n_layers, "encoder_attention_heads": cfg.n_heads, "encoder_ffn_dim": cfg.ffn_dim,
-          "max_source_positions": cfg.max_source_positions}
-    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    return folder
-
-
-def smollm2_text_tokenizer(folder: Path) -> tuple[dict[str, Any], int]:
-    """SmolLM2's vocabulary + the Kimi specials (no weights read): (spec, number of SmolLM2 tokens); writes
-    the rank file, the special table and the spec into `folder`."""
-    import gguf
-
-    from kimia.train.init_smollm2 import GGUFModel, find_smollm2_gguf, write_tokenizer
-
-    r = gguf.GGUFReader(str(find_smollm2_gguf()))
-    toks, types = r.fields["tokenizer.ggml.tokens"], r.fields["tokenizer.ggml.token_type"]
-    tokens = [bytes(toks.parts[i]).decode("utf-8") for i in toks.data]
-    token_types = [int(types.parts[i][0]) for i in types.data]
-    return write_tokenizer(GGUFModel({}, {}, tokens, token_types, ""), folder), len(tokens)
-
-
-def write_random_lm(folder: Path, preset: str, tokenizer: str, *, audio_vocab: int, adaptor_input_dim: int,
-                    overrides: dict[str, Any] | None = None, seed: int = 0) -> Path:
-    """A native AudioLM folder with a random `preset` trunk sized to a real text tokenizer ("smollm2" or a
-    tiktoken rank file) + the release specials + `audio_vocab` audio ids, with its `kimia_tokenizer.json`."""
-    import torch
-
-    from kimia.checkpoints.native import save_native_lm
-    from kimia.lm.config import AudioLMConfig
-    from kimia.lm.model import AudioLM
-    from kimia.tokens import NUM_SPECIALS, SpecialTokens, read_tiktoken_ranks
-    from kimia.train.assemble import TOKENIZER_SPEC
-
-    folder.mkdir(parents=True, exist_ok=True)
-    if tokenizer == "smollm2":
-        spec, base = smollm2_text_tokenizer(folder)
-    else:
-        src = Path(tokenizer)
-        if not src.is_file():
-            raise ConfigError(f"lm_init.tokenizer {tokenizer!r} is neither 'smollm2' nor a tiktoken rank file")
-        (folder / "tokenizer").mkdir(exist_ok=True)
-        shutil.copyfile(src, folder / "tokenizer" / src.name)
-        base = len(read_tiktoken_ranks(src))
-        spec = {"type": "tiktoken", "file": f"tokenizer/{src.name}", "specials": {"base": base}}
-        (folder / TOKENIZER_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
-    offset = base + NUM_SPECIALS
-    sp = SpecialTokens.from_base(base, token_offset=offset)
-    fields = dict(vocab_size=offset + audio_vocab, bos_token_id=sp.bos, eos_token_ids=[sp.eos, sp.msg_end],
-                  pad_token_id=sp.pad, kimia_token_offset=offset, kimia_text_output_vocab=offset,
-                  kimia_audio_output_vocab=audio_vocab, num_audio_special_tokens=0, num_base_tokens=base,
-                  kimia_adaptor_input_dim=adaptor_input_dim, kimia_media_begin=sp.media_begin,
-                  kimia_media_end=sp.media_end, torch_dtype="float32")
-    fields.update(overrides or {})
-    cfg = AudioLMConfig.from_name(preset, **fields)
-    model = AudioLM(cfg, device=torch.device("cpu"), dtype=torch.float32)
-    model.init_weights(torch.Generator().manual_seed(seed))
-    save_native_lm(model, folder)
-    return folder
-
-
 def run_quick_eval(model_dir: Path, manifest: str, recipe: str, work: Path, limit: int, max_new_tokens: int
                    ) -> dict[str, Any]:
     """`kimia eval` on one manifest (first `limit` items); returns {recipe, metric, value, items, run_dir}."""
@@ -725,11 +644,25 @@ def add_pipeline_args(p) -> None:
 
 def run_from_args(cfg: PipelineConfig, args: Any) -> list[StageResult]:
     results = run_pipeline(cfg, getattr(args, "stages", None), getattr(args, "force", None))
-    for r in results:
-        print(f"{r.stage:9s} {r.status:10s} {r.seconds:8.1f} s")
+    if _rank() == 0:
+        for r in results:
+            print(f"{r.stage:9s} {r.status:10s} {r.seconds:8.1f} s")
     return results
 
 
-__all__ = ["PipelineConfig", "CorpusStage", "WhisperStage", "RecipeStage", "LMInitStage", "TokenizeStage",
-           "AssembleStage", "EvalStage", "Pipeline", "StageResult", "STAGES", "load_pipeline_config", "run_pipeline",
-           "write_random_whisper", "write_random_lm", "smollm2_text_tokenizer", "run_quick_eval", "folder_tokenizer"]
+__all__ = [
+    "STAGES",
+    "AssembleStage",
+    "CorpusStage",
+    "EvalStage",
+    "LMInitStage",
+    "Pipeline",
+    "PipelineConfig",
+    "RecipeStage",
+    "StageResult",
+    "TokenizeStage",
+    "WhisperStage",
+    "load_pipeline_config",
+    "run_pipeline",
+    "run_quick_eval",
+]
