@@ -268,10 +268,15 @@ class Pipeline:
         t0 = time.time()
         info = getattr(self, f"_stage_{stage}")()
         seconds = time.time() - t0
+        spent = self.dir(stage) / "seconds.json"  # wall time summed over the sessions that worked on it
+        total = seconds + (json.loads(spent.read_text())["seconds"] if spent.is_file() else 0.0)
+        if _rank() == 0:
+            self.dir(stage).mkdir(parents=True, exist_ok=True)
+            spent.write_text(json.dumps({"seconds": round(total, 2)}) + "\n")
         if info is None:  # a training stage that has not reached its last step
             return StageResult(stage, "incomplete", seconds)
         if _rank() == 0:
-            self._write_marker(stage, fp, info, seconds)
+            self._write_marker(stage, fp, info, total)
         return StageResult(stage, "done", seconds, info)
 
     def _wait_for(self, stage: str, timeout: float = 24 * 3600.0) -> None:
@@ -500,14 +505,14 @@ class Pipeline:
             return "```\n" + p.read_text()[:4000] + "\n```"
 
     def _card_compute(self) -> str:
-        rows = ["| stage | steps | wall seconds (this machine) | last logged values |", "|---|---|---|---|"]
+        rows = ["| stage | steps | wall seconds (all sessions) | last logged values |", "|---|---|---|---|"]
         for s in STAGES:
             m = self._marker(s)
             if m is None or s in ("assemble", "eval"):
                 continue
             info = m.get("info", {})
             last = ", ".join(f"{k} {v:.4g}" for k, v in info.get("last", {}).items()
-                             if k in ("loss", "step_time", "tokens_per_s", "lr"))
+                             if k in ("loss", "loss/gen", "step_s", "tokens_per_s", "lr"))
             rows.append(f"| {s} | {info.get('steps', '')} | {m.get('seconds', '')} | {last} |")
         return "\n".join(rows) + f"\n\nhost: {os.uname().nodename}, {os.cpu_count()} cores"
 
