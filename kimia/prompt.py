@@ -29,12 +29,12 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 import torch
 
-from kimia.errors import AudioError, KimiaError, PromptError
+from kimia.audio import SAMPLE_RATE, load_audio
+from kimia.errors import KimiaError, PromptError
 from kimia.tokens import SpecialTokens, Tokenizer
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
 ROLES = ("user", "assistant")
 MESSAGE_TYPES = ("text", "audio", "audio-text", None)
 OutputType = Literal["text", "both"]
@@ -123,26 +123,8 @@ class _Streams:
 
 
 def _load_audio_file(path: Path) -> torch.Tensor:
-    """Fallback loader: any libsndfile format, mixed to mono, resampled to 16 kHz (soxr)."""
-    import soundfile as sf
-
-    try:
-        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # libsndfile raises its own error types
-        raise AudioError(str(path), f"cannot read audio: {e}") from e
-    return _to_mono_16k(wave.mean(axis=1), sr, str(path))
-
-
-def _to_mono_16k(wave: np.ndarray, sr: int, source: str) -> torch.Tensor:
-    if wave.size == 0:
-        raise AudioError(source, "empty audio")
-    if not np.isfinite(wave).all():
-        raise AudioError(source, "audio contains NaN or infinite samples")
-    if sr != SAMPLE_RATE:
-        import soxr
-
-        wave = soxr.resample(wave.astype(np.float32), sr, SAMPLE_RATE)
-    return torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+    """Default loader: any supported format, mixed to mono, resampled to 16 kHz, validated (kimia.audio)."""
+    return load_audio(path)
 
 
 class PromptBuilder:
@@ -163,17 +145,24 @@ class PromptBuilder:
         self.batched_encoders = batched_encoders
 
     # ---- public -------------------------------------------------------------------------------------------
-    def build(self, messages: Sequence[Message], output_type: OutputType = "text", add_assistant_start: bool = True) -> PromptBatch:
+    def build(self, messages: Sequence[Message], output_type: OutputType = "text", add_assistant_start: bool = True,
+              *, speech_targets: bool = False) -> PromptBatch:
         """The prompt of `messages`; `output_type` picks ct ("text") or ctd ("both") after user audio.
 
         `add_assistant_start=False` gives the training layout (no trailing assistant marker).
+        `speech_targets=True` (training) turns assistant `audio-text` messages into spoken-answer targets laid
+        out exactly as the engine generates them in "both" mode: the transcript + text EOS on the text stream
+        over `audio_delay` blanks + the semantic ids on the audio stream, the turn closed by `msg_end` (the
+        audio stop id), with loss on the transcript, its EOS, the ids and that `msg_end`. Without it an
+        `audio-text` message is conversation history as the official inference builder writes it (no EOS,
+        no loss).
         """
         self._check_all(messages, output_type)
-        return self._build(messages, output_type, add_assistant_start, {})
+        return self._build(messages, output_type, add_assistant_start, {}, speech_targets)
 
     def build_many(self, conversations: Sequence[Sequence[Message]], output_type: OutputType = "text",
-                   add_assistant_start: bool = True, *, errors: Literal["raise", "return"] = "raise"
-                   ) -> list[PromptBatch | KimiaError]:
+                   add_assistant_start: bool = True, *, errors: Literal["raise", "return"] = "raise",
+                   speech_targets: bool = False) -> list[PromptBatch | KimiaError]:
         """The prompts of several conversations, equal to `build` on each, with the audio of ALL of them
         encoded together: one audio-tokenizer call and one feature-extractor call in total (with
         `batched_encoders`; otherwise one call per waveform, still without repeats).
@@ -215,7 +204,7 @@ class PromptBuilder:
         for c, msgs in enumerate(conversations):
             if c not in failed:
                 try:
-                    results.append(self._build(msgs, output_type, add_assistant_start, caches[c]))
+                    results.append(self._build(msgs, output_type, add_assistant_start, caches[c], speech_targets))
                     continue
                 except KimiaError as e:
                     failed[c] = e
@@ -263,7 +252,7 @@ class PromptBuilder:
             self._check(i, m)
 
     def _build(self, messages: Sequence[Message], output_type: str, add_assistant_start: bool,
-               caches: dict[int, dict[str, Any]]) -> PromptBatch:
+               caches: dict[int, dict[str, Any]], speech_targets: bool = False) -> PromptBatch:
         """Streams of checked messages; caches[i] may hold message i's waveform ("w"), tokenizer output
         ("raw") and features ("feats") computed beforehand."""
         sp, s = self.specials, _Streams()
@@ -278,7 +267,11 @@ class PromptBuilder:
             elif kind == "audio":
                 self._audio(s, m, i, role, closes, output_type, caches.setdefault(i, {}))
             elif kind == "audio-text":
-                self._audio_text(s, m, i, caches.setdefault(i, {}))
+                target = speech_targets and role == "assistant"
+                self._audio_text(s, m, i, caches.setdefault(i, {}), target=target)
+                if closes and target:  # the audio stream's stop id is the turn's msg_end: learn to say it
+                    s.add([sp.msg_end], [sp.text_blank], aloss=True)
+                    continue
             if closes:
                 s.add([sp.msg_end], [sp.text_blank])
         if add_assistant_start:
@@ -328,17 +321,27 @@ class PromptBuilder:
         if closes:
             s.add([sp.speech_ct if output_type == "text" else sp.speech_ctd], [sp.text_blank])
 
-    def _audio_text(self, s: _Streams, m: Message, i: int, cache: dict[str, Any]) -> None:
+    def _audio_text(self, s: _Streams, m: Message, i: int, cache: dict[str, Any], *, target: bool = False) -> None:
+        """Transcript over delayed audio ids; as a spoken-answer target (`target`) the transcript ends with
+        the text EOS and both streams carry loss (see `build(speech_targets=)`)."""
         sp = self.specials
         audio, transcript = m["content"]
         ids = self._audio_ids(m, audio, i, cache)
-        text = list(self.tokenizer.encode(transcript))
+        text = list(self.tokenizer.encode(transcript)) + ([sp.text_eos] if target else [])
         width = sp.audio_delay + len(ids)
         if len(text) > width:
             raise PromptError(
-                f"message {i}: audio-text transcript has {len(text)} tokens but its audio allows at most "
-                f"{width} ({len(ids)} audio tokens + {sp.audio_delay} delay); shorten the transcript")
-        s.add([sp.text_blank] * sp.audio_delay + ids, text + [sp.text_blank] * (width - len(text)))
+                f"message {i}: audio-text transcript has {len(text)} tokens{' (with its EOS)' if target else ''} "
+                f"but its audio allows at most {width} ({len(ids)} audio tokens + {sp.audio_delay} delay); "
+                "shorten the transcript")
+        if not target:
+            s.add([sp.text_blank] * sp.audio_delay + ids, text + [sp.text_blank] * (width - len(text)))
+            return
+        # Per position: text loss while the transcript (and its EOS) is being written, audio loss on the ids.
+        audio_ids = [sp.text_blank] * sp.audio_delay + ids
+        for k in range(width):
+            s.add([audio_ids[k]], [text[k] if k < len(text) else sp.text_blank],
+                  aloss=k >= sp.audio_delay, tloss=k < len(text))
 
     # ---- audio helpers ------------------------------------------------------------------------------------
     def _wave(self, source: Any, m: Message, i: int, cache: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -366,7 +369,7 @@ class PromptBuilder:
             a = a.mean(axis=0 if a.shape[0] <= a.shape[1] else 1)
         if a.ndim != 1:
             raise PromptError(f"message {i}: waveform must be 1-D (or 2-D multichannel), got shape {a.shape}")
-        return _to_mono_16k(a, sr, f"message {i} waveform")
+        return load_audio(a, sr, name=f"message {i} waveform")
 
     def _audio_ids(self, m: Message, source: Any, i: int, cache: dict[str, torch.Tensor]) -> list[int]:
         off = self.specials.token_offset

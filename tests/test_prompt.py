@@ -335,3 +335,51 @@ def test_build_many_equals_one_by_one_with_one_call_per_encoder(fx):
             assert g.spans == ref.spans and all(torch.equal(a, b) for a, b in zip(g.features, ref.features))
         with pytest.raises(PromptError, match="conversation 1: message 0: audio file not found"):
             many.build_many([convs[0], bad], output_type, start)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("fx", fixture_params("llm"))
+def test_speech_targets_match_the_official_generation_layout(fx):
+    """Training targets for spoken answers (`speech_targets=True`) lay the assistant turn out exactly as the
+    official loop generated it in "both" mode: the fixture's per-step streams of every both-mode run with a
+    text EOS, with the audio stop id written as msg_end and loss on what the model must produce."""
+    fx = require(fx, "llm")
+    cases = fx.json("cases.json")
+    sp = SpecialTokens.from_config(fx.path / "model_eos" if (fx.path / "model_eos").is_dir() else fx.path)
+    runs = [r for r in cases["generate_runs"].values()
+            if r["kwargs"].get("output_type") == "both" and r.get("text_eos_step") is not None]
+    assert runs, "no both-mode run with a text EOS in the fixture"
+    for run in runs:
+        step_t, step_a = list(run["step_text_tokens"]), list(run["step_audio_tokens"])
+        assert step_a[-1] in sp.audio_end_ids
+        # A random model samples text-range ids in the audio stream too; as a training target every audio
+        # position must hold a semantic id, so those are mapped into the audio range (same positions).
+        audio = [a if a >= sp.token_offset else sp.token_offset + k for k, a in enumerate(step_a[sp.audio_delay:-1])]
+        transcript = step_t[:run["text_eos_step"]]
+        tok = DictTokenizer({"T": transcript, "Q": [1, 2, 3]}, n_vocab=sp.token_offset)
+        builder = PromptBuilder(tok, sp)
+        msgs = [{"role": "user", "message_type": "text", "content": "Q"},
+                {"role": "assistant", "message_type": "audio-text", "content": [None, "T"], "audio_tokens": audio}]
+        got = builder.build(msgs, output_type="both", add_assistant_start=False, speech_targets=True)
+        start = int((got.audio_ids == sp.assistant_msg_start).nonzero()[0, 0]) + 1
+        exp_a = step_a[:sp.audio_delay] + audio + [sp.msg_end]
+        assert got.audio_ids[start:].tolist() == exp_a
+        assert got.text_ids[start:].tolist() == step_t
+        n_text = run["text_eos_step"] + 1  # transcript + EOS
+        assert got.text_loss_mask[start:].tolist() == [k < n_text for k in range(len(step_t))]
+        assert got.audio_loss_mask[start:].tolist() == [k >= sp.audio_delay for k in range(len(step_a))]
+        assert not got.text_loss_mask[:start].any() and not got.audio_loss_mask[:start].any()
+        # As history (the default, the official inference layout) the same message has no EOS and no loss.
+        hist = builder.build(msgs, output_type="both", add_assistant_start=False)
+        assert sp.text_eos not in hist.text_ids.tolist()
+        assert not hist.text_loss_mask.any() and not hist.audio_loss_mask.any()
+
+
+def test_speech_target_transcript_must_fit_with_its_eos():
+    sp = SpecialTokens.release()
+    tok = DictTokenizer({"T": list(range(10, 17))}, n_vocab=sp.token_offset)
+    msgs = [{"role": "assistant", "message_type": "audio-text", "content": [None, "T"],
+             "audio_tokens": [sp.token_offset + 1]}]
+    PromptBuilder(tok, sp).build(msgs, add_assistant_start=False)  # 7 tokens fit 1 + 6 as history
+    with pytest.raises(PromptError, match="with its EOS"):
+        PromptBuilder(tok, sp).build(msgs, add_assistant_start=False, speech_targets=True)

@@ -203,7 +203,7 @@ class ManifestLMDataset:
                 m["features"] = match_length(m["features"], len(m["audio_tokens"]))
             msgs.append(m)
         try:
-            pb = self.builder.build(msgs, output_type=output_type_of(rec.get("task_type")), add_assistant_start=False)
+            pb = self.builder.build(msgs, output_type=output_type_of(rec.get("task_type")), add_assistant_start=False, speech_targets=True)
         except PromptError as e:
             raise PromptError(f"training record {i}: {e}") from e
         return truncate_prompt(pb, self.max_len) if self.max_len > 0 else pb
@@ -267,7 +267,7 @@ class SyntheticLMDataset:
             task = "speech2speech"
             conv.append({"role": "assistant", "message_type": "audio", "content": None,
                          "audio_tokens": (sem + self.off).tolist(), "features": feats})
-        return self.builder.build(conv, output_type=output_type_of(task), add_assistant_start=False)
+        return self.builder.build(conv, output_type=output_type_of(task), add_assistant_start=False, speech_targets=True)
 
 
 

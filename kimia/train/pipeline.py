@@ -456,7 +456,7 @@ class Pipeline:
                             m["audio_tokens"] = ids.get(c)["audio_tokens"].tolist()
                         elif kind == "audio-text":
                             m["audio_tokens"] = ids.get(c[0])["audio_tokens"].tolist()
-                    builder.build([dict(m) for m in rec["conversation"]], add_assistant_start=False,
+                    builder.build([dict(m) for m in rec["conversation"]], add_assistant_start=False, speech_targets=True,
                                   output_type=output_type_of(rec.get("task_type")))
                 except KimiaError as e:
                     dropped.append({"line": n + 1, "reason": str(e)[:200]})
