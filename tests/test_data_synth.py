@@ -148,6 +148,14 @@ def test_tiny_corpus_resumes_without_regenerating(tmp_path, capsys):
             checked += 1
     assert checked >= 2 * n_done
 
+    # the evaluation toolkit reads every manifest as written (paths relative to the manifest, as the official
+    # kit resolves them): no bad rows
+    from kimia.eval.datasets import load_manifest
+
+    for mf in sorted((out / "manifests").glob("*.jsonl")):
+        m = load_manifest(mf, check_audio=True, min_seconds=0.0, max_seconds=600.0)
+        assert not m.bad, f"{mf.name}: {m.bad[:2]}"
+
     # manifests agree with the summary, files exist at the stated rates, tasks all present
     per_task, per_engine, train_texts, eval_texts = {}, {}, set(), set()
     for mf in sorted((out / "manifests").glob("*.jsonl")):

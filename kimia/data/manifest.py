@@ -86,35 +86,43 @@ def corpus_root_of(manifest: str | os.PathLike) -> Path:
     return Path(manifest).resolve().parent.parent
 
 
-def _resolve(root: Path, p):
+def _resolve(base: Path, p):
     if isinstance(p, list):
-        return [_resolve(root, x) for x in p]
-    return str(root / p) if isinstance(p, str) and p and not os.path.isabs(p) else p
+        return [_resolve(base, x) for x in p]
+    return os.path.normpath(str(base / p)) if isinstance(p, str) and p and not os.path.isabs(p) else p
+
+
+def _from_manifest_dir(p):
+    """A corpus-root-relative path as written in manifests/ and finetune/ files: relative to that file's
+    own folder (one level below the root), as the official evaluation kit resolves audio paths."""
+    if isinstance(p, list):
+        return [_from_manifest_dir(x) for x in p]
+    return f"../{p}" if isinstance(p, str) and p and not os.path.isabs(p) else p
 
 
 def read_manifest(path: str | os.PathLike, absolute: bool = True) -> list[dict]:
-    """Evaluation-kit records; with `absolute`, audio paths are resolved against the corpus root."""
+    """Evaluation-kit records; with `absolute`, audio paths are resolved against the manifest's folder."""
     recs = read_jsonl(path)
     if absolute:
-        root = corpus_root_of(path)
+        base = Path(path).resolve().parent
         for r in recs:
             for k in ("audio_path", "target_audio_path"):
                 if k in r:
-                    r[k] = _resolve(root, r[k])
+                    r[k] = _resolve(base, r[k])
     return recs
 
 
 def read_conversations(path: str | os.PathLike, absolute: bool = True) -> list[dict]:
-    """Finetune samples; with `absolute`, every audio content path is resolved against the corpus root."""
+    """Finetune samples; with `absolute`, every audio content path is resolved against the file's folder."""
     recs = read_jsonl(path)
     if absolute:
-        root = corpus_root_of(path)
+        base = Path(path).resolve().parent
         for r in recs:
             for m in r["conversation"]:
                 if m["message_type"] == "audio":
-                    m["content"] = _resolve(root, m["content"])
+                    m["content"] = _resolve(base, m["content"])
                 elif m["message_type"] == "audio-text":
-                    m["content"] = [_resolve(root, m["content"][0]), m["content"][1]]
+                    m["content"] = [_resolve(base, m["content"][0]), m["content"][1]]
     return recs
 
 
@@ -151,7 +159,7 @@ def eval_record(rec: dict) -> dict:
     wers = [v["wer"] for v in (rec.get("verdicts") or {}).values()]
     return {
         "index": rec["id"],
-        "audio_path": ins[0]["path"] if len(ins) == 1 else [c["path"] for c in ins],
+        "audio_path": _from_manifest_dir(ins[0]["path"] if len(ins) == 1 else [c["path"] for c in ins]),
         "question": rec["question"], "answer": rec["answer"], "subset": rec["category"],
         "task": rec["task"], "category": rec["category"], "split": rec["split"], "key": rec["key"],
         "text": ins[-1]["text"], "audio_content": ins[-1]["text"],
@@ -160,7 +168,7 @@ def eval_record(rec: dict) -> dict:
         "speed": ins[-1].get("speed", 1.0), "pitch": ins[-1].get("pitch", 1.0),
         "labels": rec.get("labels", {}), "history": rec.get("history", []),
         "duration": round(sum(c["duration"] for c in ins), 4),
-        "target_audio_path": tg[-1]["path"] if tg else None, "target_text": tg[-1]["text"] if tg else None,
+        "target_audio_path": _from_manifest_dir(tg[-1]["path"]) if tg else None, "target_text": tg[-1]["text"] if tg else None,
         "target_duration": round(sum(c["duration"] for c in tg), 4),
         "judge_wer": max(wers) if wers else None,
     }
@@ -173,9 +181,10 @@ def conversation_record(rec: dict) -> dict:
         conv = []
         for u, a in (("u0", "a0"), ("u1", "a1")):
             if u in clips:
-                conv += [user_audio(clips[u]["path"]), assistant_audio_text(clips[a]["path"], clips[a]["text"])]
+                conv += [user_audio(_from_manifest_dir(clips[u]["path"])),
+                         assistant_audio_text(_from_manifest_dir(clips[a]["path"]), clips[a]["text"])]
         return {"task_type": "speech2speech", "conversation": conv}
-    return {"task_type": "understanding", "conversation": [user_text(rec["question"]), user_audio(clips["u0"]["path"]),
+    return {"task_type": "understanding", "conversation": [user_text(rec["question"]), user_audio(_from_manifest_dir(clips["u0"]["path"])),
                                                            assistant_text(rec["answer"])]}
 
 

@@ -448,7 +448,7 @@ class Pipeline:
             if not src.is_file():
                 raise ConfigError(f"corpus has no {src}")
             kept, dropped = [], []
-            for n, rec in enumerate(read_conversations(src)):  # audio paths resolved against the corpus root
+            for n, rec in enumerate(read_conversations(src)):  # audio paths made absolute
                 try:
                     for m in rec["conversation"]:
                         kind, c = m.get("message_type"), m.get("content")
@@ -557,11 +557,13 @@ class Pipeline:
         import soundfile as sf
 
         from kimia.api import OUTPUT_SAMPLE_RATE, KimiAudio
+        from kimia.data.manifest import read_manifest
 
         q = None
         for split in ("eval", "train"):
-            for rec in _jsonl(self.corpus / "manifests" / f"spoken_qa_{split}.jsonl"):
-                q = self.corpus / rec["audio_path"]  # corpus paths are relative to the corpus root
+            mf = self.corpus / "manifests" / f"spoken_qa_{split}.jsonl"
+            for rec in read_manifest(mf) if mf.is_file() else []:  # paths resolved against the manifest's folder
+                q = Path(rec["audio_path"])
                 break
             if q is not None:
                 break
