@@ -14,7 +14,8 @@ DiT time = the DiT's forward calls (ODE evaluations + cache fills); vocoder time
 Extra rows after them: the `small` DiT/BigVGAN presets (what we train; DiT depth 9, vocoder rates
 [8,5,4,3]) on the same input.
 
-    python -m bench.detokenizer [--threads 2] [--reps 5] [--quick] [--steps 30,10] [--extras small/small|none]
+    python -m bench.detokenizer [--threads 2] [--reps 5] [--quick] [--configs fixture,50m] [--steps 30,10]
+        [--extras small/small|none]
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
                                                              "--quick: 45 = a first chunk and a final one)")
     ap.add_argument("--extras", default="default", help="extra dit/vocoder preset pairs after the reference rows "
                                                         "(default small/small; --quick: none), or none")
+    ap.add_argument("--configs", default=None, help="reference rows: fixture,50m (default; --quick: fixture)")
     ap.add_argument("--large-reps", type=int, default=3, help="timed runs for the ~50M rows (default 3)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -169,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
           f"look-ahead 12, KV cache cap 900 frames", flush=True)
     exact = n_tokens == TOKENS and device.type == "cpu" and dtype == torch.float32
     rows, notes = [], []
-    for name in (("fixture",) if args.quick else ("fixture", "50m")):
+    configs = (args.configs or ("fixture" if args.quick else "fixture,50m")).split(",")
+    for name in configs:
+        if name not in REFERENCE_PARAMS:
+            raise SystemExit(f"unknown config {name!r}; known: {', '.join(REFERENCE_PARAMS)}")
         for n_steps in steps:
             reps = min(args.reps, args.large_reps) if name == "50m" else None
             r = time_config(name, n_steps, n_tokens, session, device, dtype, reps)
