@@ -21,12 +21,8 @@ Extra rows after them: the `small` DiT/BigVGAN presets (what we train; DiT depth
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -23,10 +23,7 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -5,7 +5,7 @@ written to a temporary folder), fires the requests from C client threads, and pr
 latency, the engine's batch sizes (from /metrics) and 429 counts. Afterwards it checks the server is still
 healthy and that a fresh request answers exactly as `KimiAudio.generate`. Prints figures, asserts no timings.
 
-    .venv/bin/python bench/serve_load.py --clients 16 --requests 64 --max-tokens 12 [--model DIR] [--audio]
+    python -m bench.serve_load --clients 16 --requests 64 --max-tokens 12 [--model DIR] [--audio]
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import argparse
 import base64
 import io
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -24,7 +23,6 @@ import httpx
 import numpy as np
 import soundfile as sf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def clip(seed: int) -> bytes:
