@@ -14,14 +14,6 @@ from tests.reference import fixture_params, require
 from tests.tiny_model import write_glm_tokenizer, write_official_layout, write_tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are dominated by per-op overhead; on a shared CPU one thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kimia.errors import PromptError
-from tests.test_api import _asr, _one_thread, clip, model, tiny_folder  # noqa: F401 (fixtures)
+from tests.test_api import _asr, clip, model, tiny_folder  # noqa: F401 (fixtures)
 
 
 

@@ -6,18 +6,10 @@ import io
 
 import pytest
 import soundfile as sf
-import torch
 
 from kimia.cli import main
 from tests.tiny_model import write_tiny_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

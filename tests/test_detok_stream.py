@@ -16,13 +16,6 @@ from tests.reference import assert_close, fixture_params, require
 KIND = "detokenizer"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @functools.lru_cache(maxsize=4)
 def _modules(path):

@@ -20,14 +20,6 @@ from tests.reference import assert_close, fixture_params, require
 KIND = "detokenizer"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the test machine is shared; tiny models run faster without intra-op threads
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _fixture_dit(fx):
     return load_dit(fx.path / DIT_FOLDER)

@@ -20,14 +20,6 @@ from tests.reference import assert_close, fixture_params, require
 KIND = "llm"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread avoids OpenMP barrier stalls on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def fixture_prompt(exp: dict, specials: SpecialTokens, name: str, output_type: str) -> PromptBatch:
     """A stored prompt as a PromptBatch. The ct/ctd marker after the user audio follows the run's

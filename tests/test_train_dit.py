@@ -24,13 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "dit_tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory) -> Path:

@@ -22,14 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "lm_tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on a shared box
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(tmp_path: Path, *overrides: str) -> LMTrainConfig:
     return load_config(LMTrainConfig, TINY, [f"train.out_dir={tmp_path / 'run'}", "train.save_every=0",
                                              "train.log_every=0", *overrides])

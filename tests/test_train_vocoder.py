@@ -22,13 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "vocoder_tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_cfg(tmp_path: Path, *overrides: str) -> VocoderTrainConfig:
     return load_config(VocoderTrainConfig, TINY, [f"train.out_dir={tmp_path / 'run'}", "train.save_every=0",

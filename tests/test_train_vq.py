@@ -23,13 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "vq_tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_cfg(tmp_path: Path, *overrides: str) -> VQTrainConfig:
     return load_config(VQTrainConfig, TINY, [f"train.out_dir={tmp_path / 'run'}", "train.save_every=0",
