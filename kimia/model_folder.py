@@ -90,6 +90,7 @@ class ModelPaths:
     semantic_tokenizer: Path
     detokenizer: Path | None
     vocoder: Path | None
+    lm_delta: dict[str, Any] | None = None  # kimia.json LM entry {base, delta, config}: base rebuilt from a package
 
 
 def _need(path: Path, what: str, expected: str) -> Path:
@@ -154,6 +155,8 @@ def resolve_model_folder(model_path: str | os.PathLike, *, load_detokenizer: boo
         def sub(name: str) -> Path | None:
             if f"{name}_path" in over:
                 return over[f"{name}_path"]
+            if name == "lm" and isinstance(comp.get(name), dict) and "base" in comp[name]:
+                return _delta_lm_folder(root, comp[name], f"{root / MANIFEST} component 'lm'")
             if isinstance(comp.get(name), dict):  # a frozen part referenced from an installed package
                 return resolve_packaged_reference(comp[name], f"{root / MANIFEST} component {name!r}")
             return root / comp[name] if comp.get(name) else None
@@ -181,7 +184,21 @@ def resolve_model_folder(model_path: str | os.PathLike, *, load_detokenizer: boo
             raise CheckpointError(f"{root}: the manifest names no detokenizer/vocoder; pass load_detokenizer=False")
         _need(detok, "detokenizer", f"a folder with config.yaml + model.pt ({OFFICIAL_DETOK}/) or config.json + model.safetensors")
         _need(voc, "vocoder", f"a folder with config.json + model.pt ({OFFICIAL_VOCODER}/) or model.safetensors")
-    return ModelPaths(root, layout, lm, tok, tok_root, whisper, semantic, detok, voc)
+    delta = comp["lm"] if layout == "native" and "lm_path" not in over and isinstance(comp.get("lm"), dict) else None
+    return ModelPaths(root, layout, lm, tok, tok_root, whisper, semantic, detok, voc, lm_delta=delta)
+
+
+def _delta_lm_folder(root: Path, entry: dict[str, Any], what: str) -> Path:
+    """Folder of a delta LM entry's config.json, after checking the base package file's sha256."""
+    from kimia.checkpoints.smollm2 import verified_base_file
+
+    if not isinstance(entry.get("config"), str) or not isinstance(entry.get("delta"), str):
+        raise CheckpointError(f"{what}: a delta LM entry needs 'config' and 'delta' (paths in the folder)")
+    if not isinstance(entry.get("base"), dict):
+        raise CheckpointError(f"{what}: 'base' must be an object {{package, file, sha256, convert}}")
+    verified_base_file(entry["base"], what)
+    _need(root / entry["delta"], "LLM delta weights", "the tensors training changed, named by kimia.json 'delta'")
+    return (root / entry["config"]).parent
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -281,7 +298,12 @@ def load_model_folder(model_path: str | os.PathLike, *, load_detokenizer: bool =
     dt = resolve_dtype(dev, dtype)
     log.info("loading %s model folder %s on %s (%s)", p.layout, p.root, dev, dt)
     tokenizer = load_tokenizer(p.tokenizer, root=p.tokenizer_root)
-    lm, cfg = load_official_lm(p.lm, device=dev, dtype=dt)
+    if p.lm_delta is not None:
+        from kimia.checkpoints.smollm2 import load_delta_lm
+
+        lm, cfg = load_delta_lm(p.lm_delta, p.root, device=dev, dtype=dt, what=f"{p.root / MANIFEST} component 'lm'")
+    else:
+        lm, cfg = load_official_lm(p.lm, device=dev, dtype=dt)
     specials = SpecialTokens.from_config(cfg.to_dict(), tokenizer)
     extractor = load_whisper(p.whisper, dev, dt)
     semantic = load_semantic(p.semantic_tokenizer, dev)

