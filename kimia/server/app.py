@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -102,6 +102,15 @@ class Server:
         if name != self.settings.model_name:
             raise APIError(404, f"the model {name!r} does not exist; this server serves "
                            f"{self.settings.model_name!r}", code="model_not_found", param=param)
+
+    def check_request(self, request: Request, content_type: str, limit: int) -> None:
+        """Authorization, content type and declared body size of a /v1 request, each a 4xx when wrong."""
+        self.check_auth(request.headers.get("authorization"))
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith(content_type):
+            raise APIError(415, f"expected {content_type}, got {ctype or 'no content type'!r}",
+                           code="unsupported_media_type")
+        self.check_length(request, limit)
 
     def check_length(self, request: Request, limit: int) -> None:
         n = request.headers.get("content-length")
@@ -286,12 +295,7 @@ def create_app(model_or_path: Any, settings: ServerSettings | None = None, **mod
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
         t0 = time.monotonic()
-        server.check_auth(request.headers.get("authorization"))
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
-            raise APIError(415, f"expected multipart/form-data, got {ctype or 'no content type'!r}",
-                           code="unsupported_media_type")
-        server.check_length(request, settings.max_upload_bytes + 64 * 1024)
+        server.check_request(request, "multipart/form-data", settings.max_upload_bytes + 64 * 1024)
         try:
             form = await request.form(max_files=1, max_fields=16)
         except Exception as e:
@@ -330,12 +334,7 @@ def create_app(model_or_path: Any, settings: ServerSettings | None = None, **mod
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         t0 = time.monotonic()
-        server.check_auth(request.headers.get("authorization"))
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("application/json"):
-            raise APIError(415, f"expected application/json, got {ctype or 'no content type'!r}",
-                           code="unsupported_media_type")
-        server.check_length(request, settings.max_upload_bytes * 4 // 3 + 1024 * 1024)
+        server.check_request(request, "application/json", settings.max_upload_bytes * 4 // 3 + 1024 * 1024)
         raw = await request.body()
         try:
             data = json.loads(raw)
