@@ -145,6 +145,39 @@ def rows_for(label: str, r: dict, ref: dict) -> list[tuple[str, Metric]]:
     return out
 
 
+def step_quality(name: str, steps: list[int], n_tokens: int, device, dtype, ref_steps: int = 120) -> list[list]:
+    """The quality cost of fewer ODE steps: the mel of one offline solve at each step count against a
+    `ref_steps` solve of the same tokens and noise (relative L2 error, and the max abs error in mel units),
+    with the DiT time of each solve. Random weights: it measures solver error, not how good the speech is."""
+    from kimia.detokenizer.dit import to_timestep
+    from kimia.detokenizer.solver import euler_solve, make_t_span
+
+    dit, _ = build(name, device, dtype)
+    g = torch.Generator().manual_seed(0)
+    vocab = dit.cfg.semantic_vocab_size
+    up = torch.randint(0, vocab, (1, n_tokens), generator=g).repeat_interleave(4, dim=1).to(device)
+    T = up.shape[1]
+    noise = torch.randn(1, T, dit.cfg.input_size, generator=g).to(device, dtype)
+    pos = torch.arange(T, device=device)[None]
+
+    def velocity(t, x):
+        return dit(x, up, to_timestep(t, 1, device), pos, cond_rate=4)
+
+    def solve(n: int) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            mel = euler_solve(velocity, noise, make_t_span(n).to(device), "neural_ode_euler").float()
+        return mel, time.perf_counter() - t0
+
+    ref, _ = solve(ref_steps)
+    rows = []
+    for n in steps:
+        mel, sec = solve(n)
+        err = (mel - ref).norm() / ref.norm()
+        rows.append([name, n, f"{float(err):.4f}", f"{float((mel - ref).abs().max()):.3f}", f"{sec:.3f}"])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_arguments(ap, reps=5)
@@ -201,6 +234,10 @@ def main(argv: list[str] | None = None) -> None:
         common.print_table("extra rows: our DiT/BigVGAN presets (same input; no reference figure)",
                            ["DiT/vocoder", "params M", "steps", "RTF", "DiT RTF", "voc RTF", "1st chunk s",
                             "DiT calls", "contended"], extra)
+    q_steps = sorted({*steps, 5}, reverse=True)
+    quality = [row for name in configs for row in step_quality(name, q_steps, min(n_tokens, 100), device, dtype)]
+    common.print_table("quality cost of fewer ODE steps (offline solve vs a 120-step solve, same tokens and noise)",
+                       ["DiT", "steps", "rel. L2 error", "max abs err", "DiT s"], quality)
     session.close()
 
 
