@@ -233,17 +233,16 @@ def load_whisper(folder: Path, device: torch.device, dtype: torch.dtype):
     cfg_path = folder / "config.json"
     cfg = _json(cfg_path) if cfg_path.is_file() else {}
     if "n_mels" in cfg and "d_model" in cfg:  # native
-        from kimia.checkpoints.common import load_safetensors, load_state_dict_strict
+        from kimia.checkpoints.common import build_frozen, load_safetensors
 
         try:
             wcfg = WhisperEncoderConfig(**cfg)
         except TypeError as e:
             raise ConfigError(f"{cfg_path}: {e}") from None
-        with torch.device("meta"):
-            enc = WhisperEncoder(wcfg)
         weights = _need(folder / "model.safetensors", "Whisper weights", "model.safetensors beside config.json")
-        load_state_dict_strict(enc, load_safetensors(weights), source=f"Whisper checkpoint {weights}", dtype=dtype)
-        return ContinuousFeatureExtractor(enc.to(device).eval().requires_grad_(False))
+        enc = build_frozen(lambda: WhisperEncoder(wcfg), load_safetensors(weights),
+                           source=f"Whisper checkpoint {weights}", device=device, dtype=dtype)
+        return ContinuousFeatureExtractor(enc)
     return load_continuous_extractor(folder, device=device, dtype=dtype)
 
 

@@ -45,6 +45,21 @@ class Fixture:
     def tensors(self, filename: str = "expected.safetensors") -> dict[str, torch.Tensor]:
         return load_file(str(self.path / filename))
 
+    def input_paths(self) -> list[Path]:
+        """The audio files named by the manifest's "inputs" (comma-separated, relative to this folder)."""
+        return [(self.path / rel.strip()).resolve() for rel in self.manifest["inputs"].split(",") if rel.strip()]
+
+    def input_wavs(self) -> dict[str, torch.Tensor]:
+        """Those files as float32 16 kHz waveforms, keyed by file stem (read as stored, no resampling)."""
+        import soundfile as sf
+
+        out = {}
+        for p in self.input_paths():
+            data, sr = sf.read(str(p), dtype="float32")
+            assert sr == 16000, f"{p}: {sr} Hz"
+            out[p.stem] = torch.from_numpy(data)
+        return out
+
     def json(self, filename: str) -> Any:
         return json.loads((self.path / filename).read_text())
 

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 import torch
 from safetensors.torch import save_file
 
@@ -25,13 +24,7 @@ KIND = "semantic_tokenizer"
 
 
 def _wavs(fx) -> dict[str, torch.Tensor]:
-    out = {}
-    for rel in fx.manifest["inputs"].split(","):
-        p = (fx.path / rel.strip()).resolve()
-        data, sr = sf.read(str(p), dtype="float32")
-        assert sr == 16000
-        out[p.stem] = torch.from_numpy(data)
-    return out
+    return fx.input_wavs()
 
 
 def _segments(wav: torch.Tensor) -> list[torch.Tensor]:
@@ -75,7 +68,7 @@ def test_batched_files_equal_one_by_one(fx):
     inputs = wavs + [wavs[0][: 1280 * 7 - 500], wavs[-1][:1000]]
     singles = [tok.tokenize(w) for w in inputs]
     tok.batch_size = 2  # forces segments of different files into shared and split batches
-    paths = [str((fx.path / rel.strip()).resolve()) for rel in fx.manifest["inputs"].split(",")]
+    paths = [str(p) for p in fx.input_paths()]
     batched = tok.tokenize(paths + inputs[len(paths) :])  # the fixture files by path this time
     assert len(batched) == len(inputs)
     for a, b in zip(singles, batched):

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 import torch
 
 from kimia.checkpoints.common import load_safetensors
@@ -80,13 +79,7 @@ def test_stack_frames():
 
 
 def _fixture_wavs(fx) -> dict[str, torch.Tensor]:
-    out = {}
-    for rel in fx.manifest["inputs"].split(","):
-        p = (fx.path / rel.strip()).resolve()
-        data, sr = sf.read(str(p), dtype="float32")
-        assert sr == 16000
-        out[p.stem] = torch.from_numpy(data)
-    return out
+    return fx.input_wavs()
 
 
 @pytest.mark.reference

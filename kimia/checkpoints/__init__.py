@@ -1,5 +1,5 @@
 """Checkpoint readers: the official release layout and kimia's native format."""
 
-from kimia.checkpoints.common import load_safetensors, load_state_dict_strict
+from kimia.checkpoints.common import build_frozen, load_safetensors, load_state_dict_strict
 
-__all__ = ["load_safetensors", "load_state_dict_strict"]
+__all__ = ["build_frozen", "load_safetensors", "load_state_dict_strict"]

@@ -8,7 +8,7 @@ module built on the meta device takes the (possibly memory-mapped) checkpoint te
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -85,3 +85,22 @@ def load_state_dict_strict(
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     # Buffers/params that live in the model but are not in its state_dict keys are untouched.
     module.load_state_dict(sd, strict=True, assign=assign)
+
+
+def build_frozen(
+    factory: Callable[[], nn.Module],
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    ignore: Iterable[str] = (),
+) -> nn.Module:
+    """An inference module: `factory()` built on the meta device, `state_dict` loaded strictly (assign, no copy),
+    moved to `device` if given, in eval mode with gradients off."""
+    with torch.device("meta"):
+        model = factory()
+    load_state_dict_strict(model, state_dict, source=source, ignore=ignore, dtype=dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval().requires_grad_(False)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kimia.checkpoints.common import load_safetensors, load_state_dict_strict
+from kimia.checkpoints.common import build_frozen, load_safetensors
 from kimia.detokenizer.alias_free import AntiAliasedActivation, make_snake
 from kimia.errors import AudioError, CheckpointError, ConfigError
 
@@ -380,13 +380,9 @@ def load_vocoder(
     else:
         sd = _read_official_weights(weights_path)
     sd = fold_weight_norm_state_dict(sd)
-    with torch.device("meta"):
-        model = BigVGAN(config)
-    load_state_dict_strict(model, sd, source=str(weights_path), dtype=dtype)
-    if device is not None:
-        model.to(device)
+    model = build_frozen(lambda: BigVGAN(config), sd, source=str(weights_path), device=device, dtype=dtype)
     log.info("loaded BigVGAN vocoder from %s (%.1f M params)", weights_path, model.num_parameters() / 1e6)
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def save_vocoder(model: BigVGAN, folder: str | os.PathLike) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kimia.checkpoints.common import load_safetensors, load_state_dict_strict
+from kimia.checkpoints.common import build_frozen, load_safetensors
 from kimia.detokenizer.dit import DiT, DiTConfig
 from kimia.detokenizer.stream import StreamConfig, StreamingDetokenizer
 from kimia.errors import CheckpointError, ConfigError
@@ -100,14 +100,10 @@ def load_dit(folder: str | os.PathLike, device=None, dtype: torch.dtype | None =
         cfg = read_official_config(folder / OFFICIAL_CONFIG)
         weights = folder / OFFICIAL_WEIGHTS
         sd = read_official_weights(weights)
-    with torch.device("meta"):
-        model = DiT(cfg)
-    load_state_dict_strict(model, sd, source=str(weights), dtype=dtype)
-    if device is not None:
-        model.to(device)
+    model = build_frozen(lambda: DiT(cfg), sd, source=str(weights), device=device, dtype=dtype)
     n = sum(p.numel() for p in model.parameters())
     logger.info("loaded detokenizer DiT from %s (%.1f M params)", weights, n / 1e6)
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def save_dit(model: DiT, folder: str | os.PathLike) -> Path:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimia import audio as kaudio
-from kimia.checkpoints.common import load_safetensors, load_state_dict_strict
+from kimia.checkpoints.common import build_frozen, load_safetensors
 from kimia.encoders.layers import EncoderLayer
 from kimia.errors import CheckpointError, ConfigError
 
@@ -289,12 +289,7 @@ def build_semantic_encoder(cfg: SemanticTokenizerConfig, sd: dict[str, torch.Ten
         if k.startswith(_IGNORED):
             continue
         keep[k] = v
-    with torch.device("meta"):
-        model = SemanticEncoder(cfg)
-    load_state_dict_strict(model, keep, source=source, dtype=dtype)
-    if device is not None:
-        model = model.to(device)
-    return model.eval().requires_grad_(False)
+    return build_frozen(lambda: SemanticEncoder(cfg), keep, source=source, device=device, dtype=dtype)
 
 
 def load_semantic_tokenizer(folder: str | os.PathLike, device: str | torch.device | None = None,

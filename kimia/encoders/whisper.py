@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimia import audio as kaudio
-from kimia.checkpoints.common import load_safetensors, load_state_dict_strict
+from kimia.checkpoints.common import build_frozen, load_safetensors
 from kimia.encoders.layers import EncoderLayer, LayerNorm
 from kimia.errors import AudioError, CheckpointError, ConfigError
 
@@ -216,12 +216,7 @@ def _build(cfg: WhisperEncoderConfig, sd: dict[str, torch.Tensor], source: str, 
         # than fp32; keep the stored dtype only on accelerators unless one is asked for.
         if any(v.dtype in (torch.float16, torch.bfloat16) for v in sd.values()):
             dtype = torch.float32
-    with torch.device("meta"):
-        model = WhisperEncoder(cfg)
-    load_state_dict_strict(model, sd, source=source, dtype=dtype)
-    if device is not None:
-        model = model.to(device)
-    return model.eval().requires_grad_(False)
+    return build_frozen(lambda: WhisperEncoder(cfg), sd, source=source, device=device, dtype=dtype)
 
 
 def _hf_encoder_keys(path: Path) -> dict[str, torch.Tensor]:

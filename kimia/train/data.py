@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,32 +136,41 @@ class AudioCache:
 
 
 # ------------------------------------------------------------------------------------------ datasets
-def read_manifests(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
-    """Every `{"task_type", "conversation"}` record of the jsonl files (relative audio paths resolved
-    against the manifest's folder)."""
-    out = []
+def _jsonl_records(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    """(file, line number, record) of every non-empty line; a missing file, bad JSON or a non-object record
+    raises ConfigError naming the file and line."""
     for p in paths:
         p = Path(p)
         if not p.is_file():
             raise ConfigError(f"manifest not found: {p}")
-        for n, line in enumerate(p.read_text().splitlines(), 1):
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{p}:{n}: invalid JSON ({e})") from None
-            conv = rec.get("conversation")
-            if not isinstance(conv, list) or not conv:
-                raise ConfigError(f"{p}:{n}: record has no 'conversation' list")
-            for m in conv:
-                if m.get("message_type") in ("audio", "audio-text"):
-                    c = m.get("content")
-                    if isinstance(c, str) and not os.path.isabs(c):
-                        m["content"] = str(p.parent / c)
-                    elif isinstance(c, list) and c and isinstance(c[0], str) and not os.path.isabs(c[0]):
-                        m["content"] = [str(p.parent / c[0]), *c[1:]]
-            out.append(rec)
+            if not isinstance(rec, dict):
+                raise ConfigError(f"{p}:{n}: a record must be a JSON object")
+            yield p, n, rec
+
+
+def read_manifests(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
+    """Every `{"task_type", "conversation"}` record of the jsonl files (relative audio paths resolved
+    against the manifest's folder)."""
+    out = []
+    for p, n, rec in _jsonl_records(paths):
+        conv = rec.get("conversation")
+        if not isinstance(conv, list) or not conv:
+            raise ConfigError(f"{p}:{n}: record has no 'conversation' list")
+        for m in conv:
+            if m.get("message_type") in ("audio", "audio-text"):
+                c = m.get("content")
+                if isinstance(c, str) and not os.path.isabs(c):
+                    m["content"] = str(p.parent / c)
+                elif isinstance(c, list) and c and isinstance(c[0], str) and not os.path.isabs(c[0]):
+                    m["content"] = [str(p.parent / c[0]), *c[1:]]
+        out.append(rec)
     return out
 
 
@@ -288,26 +297,14 @@ def read_audio_manifest(paths: Iterable[str | os.PathLike], keys: Sequence[str])
     fields ending in `_path` are resolved to usable paths."""
     out: list[dict[str, Any]] = []
     skipped = 0
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise ConfigError(f"manifest not found: {p}")
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{p}:{n}: invalid JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise ConfigError(f"{p}:{n}: a record must be a JSON object")
-            if any(not isinstance(rec.get(k), str) or not rec[k] for k in keys):
-                skipped += 1
-                continue
-            for k in keys:
-                if k.endswith("_path"):
-                    rec[k] = _resolve_path(rec[k], p)
-            out.append(rec)
+    for p, _n, rec in _jsonl_records(paths):
+        if any(not isinstance(rec.get(k), str) or not rec[k] for k in keys):
+            skipped += 1
+            continue
+        for k in keys:
+            if k.endswith("_path"):
+                rec[k] = _resolve_path(rec[k], p)
+        out.append(rec)
     if skipped:
         logger.info("manifests: skipped %d records without %s", skipped, ", ".join(keys))
     if not out:
