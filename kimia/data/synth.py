@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from kimia.data import texts
+from kimia.data.augment import apply_channel, plan_channel
 from kimia.data.engines import ENGINE_NAMES, Voice, available_engines, get_engine, voice_from_dict
 from kimia.data.judge import JUDGE_SAMPLE_RATE, RULES, decide
 from kimia.data.manifest import read_json, write_json_atomic, write_outputs, write_wav_atomic
@@ -72,6 +73,8 @@ class SynthConfig:
     output_voice: str = "kokoro:jm_kumo"
     progress: bool = True
     stop_after: int | None = None
+    task_weights: dict[str, float] | None = None  # share of `hours` per task (default: equal shares)
+    augment: bool = True  # train items get a seeded channel (band limit, noise, reverb); eval items stay clean
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -86,6 +89,17 @@ class SynthConfig:
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         self.jobs = max(1, int(self.jobs))
+        w = dict(self.task_weights or {})
+        bad = [t for t in w if t not in self.tasks]
+        if bad or any(not (float(v) > 0) for v in w.values()):
+            raise ConfigError(f"task_weights must give positive weights for tasks of this run {list(self.tasks)}, "
+                              f"got {w}")
+        self.task_weights = {t: float(w.get(t, 1.0)) for t in self.tasks}
+
+    def task_seconds(self, task: str) -> float:
+        """Planned seconds of input audio for one task."""
+        w = self.task_weights or {}
+        return self.hours * 3600.0 * w.get(task, 1.0) / (sum(w.values()) or 1.0)
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -141,8 +155,10 @@ def _varied(rng: random.Random, voice: Voice) -> tuple[float, float]:
     return sp, pi
 
 
-def make_item(task: str, k: int, seed: int, engines: list[str], out_voice: Voice, eval_fraction: float) -> dict:
-    """Item k of a task: a JSON-able spec (texts, voices, parameters, clips), fully determined by its inputs."""
+def make_item(task: str, k: int, seed: int, engines: list[str], out_voice: Voice, eval_fraction: float,
+              augment: bool = True) -> dict:
+    """Item k of a task: a JSON-able spec (texts, voices, parameters, clips), fully determined by its inputs.
+    With `augment`, a speech item of the train split also carries the channel its input clips pass through."""
     rng = random.Random(f"{seed}:{task}:{k}")
     item: dict = {"id": f"{task}-{k:06d}", "task": task, "history": [], "labels": {}}
     if task == "asr":
@@ -206,6 +222,8 @@ def make_item(task: str, k: int, seed: int, engines: list[str], out_voice: Voice
     else:
         raise ConfigError(f"unknown task {task!r}")
     item["split"] = texts.split_of(item.pop("split_text"), eval_fraction)
+    if augment and item["split"] == "train" and task != "sound":
+        item["channel"] = plan_channel(rng)
     item["est_seconds"] = round(sum(_clip_est(c) for c in item["clips"] if c["kind"] != "target"), 3)
     item["spec_hash"] = hashlib.sha1(json.dumps(item, sort_keys=True).encode()).hexdigest()[:16]
     return item
@@ -222,12 +240,11 @@ def _clip_est(c: dict) -> float:
 
 def plan(cfg: SynthConfig, engines: list[str], out_voice: Voice) -> list[dict]:
     """All items of the build, in a fixed order; each task gets hours*3600/len(tasks) estimated seconds."""
-    per_task = cfg.hours * 3600.0 / len(cfg.tasks)
     items = []
     for task in cfg.tasks:
-        total, k = 0.0, 0
+        total, k, per_task = 0.0, 0, cfg.task_seconds(task)
         while total < per_task and k < MAX_ITEMS_PER_TASK:
-            it = make_item(task, k, cfg.seed, engines, out_voice, cfg.eval_fraction)
+            it = make_item(task, k, cfg.seed, engines, out_voice, cfg.eval_fraction, cfg.augment)
             items.append(it)
             total += it["est_seconds"]
             k += 1
@@ -259,6 +276,8 @@ def synth_item(item: dict, out: str) -> dict:
             audio = render_sound(c["recipe"], speech)
         else:
             audio = _speech(c, sr)
+            if c["kind"] == "input":
+                audio = apply_channel(audio, sr, item.get("channel"))
         rel = _audio_rel(item, c)
         write_wav_atomic(root / rel, audio, sr)
         clips.append({**c, "path": rel, "sample_rate": sr, "duration": round(audio.size / sr, 4)})
@@ -480,7 +499,6 @@ def build_corpus(cfg: SynthConfig) -> dict:
                           "(run scripts/setup-data-system.sh)")
     out_voice = resolve_output_voice(cfg.output_voice, engines)
     items = plan(cfg, engines, out_voice)
-    budget = cfg.hours * 3600.0 / len(cfg.tasks)
     next_k = {t: sum(it["task"] == t for it in items) for t in cfg.tasks}
     finals: dict[str, dict] = {}
     stats = {"planned": 0, "rounds": 0, "reused_final": 0, "reused_synth": 0, "synthesized_this_run": 0,
@@ -498,9 +516,9 @@ def build_corpus(cfg: SynthConfig) -> dict:
             _run_items(pool, cfg, root, items, finals, stats)
             items = []
             for t in cfg.tasks:  # top-up: the next items of each task still short of its share
-                have = _accepted_seconds(finals, t)
+                have, budget = _accepted_seconds(finals, t), cfg.task_seconds(t)
                 while have < budget and next_k[t] < MAX_ITEMS_PER_TASK:
-                    it = make_item(t, next_k[t], cfg.seed, engines, out_voice, cfg.eval_fraction)
+                    it = make_item(t, next_k[t], cfg.seed, engines, out_voice, cfg.eval_fraction, cfg.augment)
                     items.append(it)
                     have += it["est_seconds"]
                     next_k[t] += 1

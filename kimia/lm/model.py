@@ -175,6 +175,7 @@ class AudioLM(nn.Module):
         kv_len: int | None = None,
         logits_at: torch.Tensor | int | None = None,
         skip_audio: bool = False,
+        logits_where: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LMOutput:
         """Teacher-forced pass over L positions of B rows.
 
@@ -191,9 +192,19 @@ class AudioLM(nn.Module):
                 writes; `audio_logits` is then None. Text logits are unaffected (the branch only reads the
                 trunk). For text-only generation, where the audio stream is forced to blank; the mimo slots
                 of a cache filled this way are stale, so do not later decode audio on that cache.
+            logits_where: (text_mask, audio_mask), both [B, L] bool: logits only where the mask is set, packed
+                in row-major order ([N_text, V], [N_audio, V]). Training uses it to skip the two vocabulary
+                projections at positions without loss (most of them); an all-False audio mask also skips the
+                audio branch. Exclusive with `logits_at`.
         Returns:
             LMOutput with audio_logits (None with skip_audio), text_logits [B, L or 1, V] in fp32.
         """
+        if logits_where is not None:
+            if logits_at is not None:
+                raise ConfigError("logits_at and logits_where are exclusive")
+            if any(m.shape != audio_ids.shape or m.dtype != torch.bool for m in logits_where):
+                raise ConfigError(f"logits_where masks must be bool [B, L] = {tuple(audio_ids.shape)}")
+            skip_audio = skip_audio or not bool(logits_where[1].any())
         if audio_ids.dim() != 2 or positions.shape != audio_ids.shape:
             raise ConfigError(
                 f"audio_ids and positions must both be [B, L], got {tuple(audio_ids.shape)} and {tuple(positions.shape)}"
@@ -226,11 +237,15 @@ class AudioLM(nn.Module):
 
         if logits_at is not None:
             x = _select(x, logits_at)
+        elif logits_where is not None:
+            x = x[logits_where[0]]
         text_logits = self.lm_head(self.model.norm(x)).float()
         if skip_audio:
             return LMOutput(audio_logits=None, text_logits=text_logits)
         if logits_at is not None:
             a = _select(a, logits_at)
+        elif logits_where is not None:
+            a = a[logits_where[1]]
         audio_logits = self.mimo_output(self.model.mimo_norm(a)).float()
         return LMOutput(audio_logits=audio_logits, text_logits=text_logits)
 

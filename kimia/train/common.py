@@ -159,12 +159,19 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total: int) ->
 # ------------------------------------------------------------------------------------------ data order
 class GlobalBatchOrder:
     """Seeded, resumable example order: global batch of step s = samples [s*G, (s+1)*G) of the stream of
-    per-epoch permutations. Rank r, micro-step k takes positions [(k*world + r)*micro, +micro) of it."""
+    per-epoch permutations. Rank r, micro-step k takes positions [(k*world + r)*micro, +micro) of it.
 
-    def __init__(self, n: int, micro: int, accum: int, world: int, seed: int):
+    With `lengths` (one per example) the G examples of a global batch are first sorted by length (ties by
+    their stream position), so each micro-batch holds examples of similar length and pads little; which
+    examples form a step, and therefore resume and multi-process equivalence, are unchanged."""
+
+    def __init__(self, n: int, micro: int, accum: int, world: int, seed: int, lengths: Sequence[int] | None = None):
         if n <= 0:
             raise ConfigError("the training dataset is empty")
+        if lengths is not None and len(lengths) != n:
+            raise ConfigError(f"{len(lengths)} example lengths for {n} examples")
         self.n, self.micro, self.accum, self.world, self.seed = n, micro, accum, world, seed
+        self.lengths = list(lengths) if lengths is not None else None
         self._perm_epoch, self._perm = -1, None
 
     @property
@@ -179,8 +186,13 @@ class GlobalBatchOrder:
         return self._perm[i]
 
     def micro_indices(self, step: int, k: int, rank: int) -> list[int]:
-        start = step * self.global_batch + (k * self.world + rank) * self.micro
-        return [self._index(p) for p in range(start, start + self.micro)]
+        offset = (k * self.world + rank) * self.micro
+        if self.lengths is None:
+            start = step * self.global_batch + offset
+            return [self._index(p) for p in range(start, start + self.micro)]
+        g0 = step * self.global_batch
+        batch = sorted((self.lengths[i], p, i) for p, i in ((p, self._index(p)) for p in range(g0, g0 + self.global_batch)))
+        return [i for _, _, i in batch[offset: offset + self.micro]]
 
 
 # ------------------------------------------------------------------------------------------ recipe API
@@ -206,6 +218,10 @@ class Recipe:
 
     def dataset(self) -> Sequence[Any]:
         raise NotImplementedError
+
+    def example_lengths(self) -> Sequence[int] | None:
+        """Length of every dataset example (for `train.group_by_length`); None: not known."""
+        return None
 
     def collate(self, items: list[Any]) -> Any:
         return items
@@ -334,7 +350,11 @@ class Trainer:
         self.schedulers = {ph: build_scheduler(o, optim, cfg.steps) for ph, o in self.optimizers.items()}
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.data = recipe.dataset()
-        self.order = GlobalBatchOrder(len(self.data), cfg.micro_batch, cfg.grad_accum, self.env.world_size, cfg.seed)
+        lengths = recipe.example_lengths() if cfg.group_by_length else None
+        if cfg.group_by_length and lengths is None:
+            raise ConfigError(f"train.group_by_length: the {recipe.name} recipe does not know its example lengths")
+        self.order = GlobalBatchOrder(len(self.data), cfg.micro_batch, cfg.grad_accum, self.env.world_size, cfg.seed,
+                                      lengths)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         # per-rank stream for dropout etc., distinct across ranks, restored on resume

@@ -55,6 +55,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: bool = True  # continue from out_dir/checkpoints/latest when present
     max_steps_this_run: int = 0  # stop (with a checkpoint) after this many steps in this process; 0 = no limit
+    group_by_length: bool = False  # sort each global batch by example length before splitting it (less padding)
 
 
 def _type_name(tp: Any) -> str:

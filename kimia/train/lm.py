@@ -18,6 +18,7 @@ plus the tokenizer files of the starting folder.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import re
 import shutil
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 FREEZE_GROUPS = ("embeddings", "trunk", "text_tail", "audio_branch", "adaptor")
 TOKENIZER_SPEC = "kimia_tokenizer.json"  # kimia tokenizer spec written by init_smollm2 beside the LM weights
+LORA_FILE = "lora.safetensors"  # the trained adapters beside the merged export (scales in its metadata)
 
 
 @dataclass
@@ -81,6 +83,8 @@ class LMTrainConfig:
     freeze: list[str] = field(default_factory=list)
     freeze_embedding_rows_below: int = 0
     lora: LoRASpec = field(default_factory=LoRASpec)
+    freeze_head_rows_below: int = 0  # audio head (mimo_output) rows [0, n) stay exact (its text rows)
+    sparse_logits: bool = True  # vocabulary projections only at loss positions (same loss, less compute)
     export_dir: str | None = None  # default: <out_dir>/export
 
 
@@ -93,9 +97,19 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
 
 
 def lm_loss(out: LMOutput, batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, audio, text) losses of one batch (§9)."""
-    la = masked_ce(out.audio_logits, batch.audio_labels, batch.audio_loss_mask)
-    lt = masked_ce(out.text_logits, batch.text_labels, batch.text_loss_mask)
+    """(total, audio, text) losses of one batch (§9). Logits are either full [B, L, V] or packed at the loss
+    positions ([N, V], from `AudioLM.forward(logits_where=...)`); both give the same numbers."""
+
+    def part(logits: torch.Tensor | None, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if logits is None:  # the audio branch was skipped: no audio loss position in the batch
+            return torch.zeros((), device=labels.device)
+        if logits.dim() == 3:
+            return masked_ce(logits, labels, mask)
+        ce = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
+        return ce / (mask.sum() + 1e-4)
+
+    la = part(out.audio_logits, batch.audio_labels, batch.audio_loss_mask)
+    lt = part(out.text_logits, batch.text_labels, batch.text_loss_mask)
     return la + lt, la, lt
 
 
@@ -187,7 +201,12 @@ class LMRecipe(Recipe):
             w = model.model.embed_tokens.weight
             if w.requires_grad:
                 freeze_rows_below(w, self.cfg.freeze_embedding_rows_below)
-        self.no_decay = {"model.embed_tokens.weight"} if self.cfg.freeze_embedding_rows_below > 0 else set()
+        if self.cfg.freeze_head_rows_below > 0:
+            w = model.mimo_output.weight
+            if w.requires_grad:
+                freeze_rows_below(w, self.cfg.freeze_head_rows_below)
+        self.no_decay = ({"model.embed_tokens.weight"} if self.cfg.freeze_embedding_rows_below > 0 else set()) | \
+            ({"mimo_output.weight"} if self.cfg.freeze_head_rows_below > 0 else set())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         logger.info("AudioLM: %.2f M parameters, %.2f M trainable", n_all / 1e6, n_train / 1e6)
@@ -197,9 +216,10 @@ class LMRecipe(Recipe):
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def fsdp_modules(self, model: nn.Module) -> list[nn.Module]:
-        if self.cfg.freeze_embedding_rows_below > 0:
+        if self.cfg.freeze_embedding_rows_below > 0 or self.cfg.freeze_head_rows_below > 0:
             # the row mask is a hook on the embedding Parameter, which fully_shard replaces by a DTensor
-            raise ConfigError("freeze_embedding_rows_below is not supported with train.parallel=fsdp (use ddp)")
+            raise ConfigError("freeze_embedding_rows_below / freeze_head_rows_below are not supported with "
+                              "train.parallel=fsdp (use ddp)")
         return [*model.model.layers, *model.model.mimo_layers]
 
     # ---- data --------------------------------------------------------------------------------------------
@@ -227,8 +247,6 @@ class LMRecipe(Recipe):
             raise ConfigError("data.manifests is empty and data.synthetic is 0: nothing to train on")
         spec, root = self.cfg.model.tokenizer, Path(".")
         if spec is None and self.init_folder is not None and (self.init_folder / TOKENIZER_SPEC).is_file():
-            import json
-
             spec, root = json.loads((self.init_folder / TOKENIZER_SPEC).read_text()), self.init_folder
         tok = load_tokenizer(spec, root)
         specials = SpecialTokens.from_config(c.to_dict(), tok)
@@ -246,6 +264,10 @@ class LMRecipe(Recipe):
         return ManifestLMDataset(read_manifests(d.manifests), PromptBuilder(tok, specials), max_len=d.max_len,
                                  audio=audio)
 
+    def example_lengths(self) -> list[int]:
+        ds = self.dataset()
+        return [len(ds[i]) for i in range(len(ds))]
+
     def collate(self, items: list) -> LMBatch:
         c = self.lm_config
         return collate_lm(items, pad_id=c.pad_token_id, media_begin=c.kimia_media_begin, media_end=c.kimia_media_end,
@@ -254,7 +276,8 @@ class LMRecipe(Recipe):
     # ---- loss --------------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: LMBatch, phase: str) -> LossOutput:
         out = model(batch.audio_ids, batch.text_ids, batch.positions, continuous=batch.continuous,
-                    continuous_mask=batch.continuous_mask)
+                    continuous_mask=batch.continuous_mask,
+                    logits_where=(batch.text_loss_mask, batch.audio_loss_mask) if self.cfg.sparse_logits else None)
         total, la, lt = lm_loss(out, batch)
         return LossOutput(total, tokens=batch.tokens, metrics={"loss_audio": float(la.detach()), "loss_text": float(lt.detach())})
 
@@ -265,9 +288,16 @@ class LMRecipe(Recipe):
             model = AudioLM(self.lm_config)
         load_state_dict_strict(model, sd, source="trained state", assign=True)
         save_native_lm(model, folder)
+        if self._scales:  # the adapters themselves too: a model folder can store them instead of merged weights
+            from safetensors.torch import save_file
+
+            from kimia.train.lora import lora_state_dict
+
+            save_file({k: v.contiguous() for k, v in lora_state_dict(state_dict).items()}, str(folder / LORA_FILE),
+                      metadata={"format": "pt", "scales": json.dumps(self._scales)})
         if self.init_folder is not None:
             for extra in self.init_folder.iterdir():
-                if extra.name not in ("config.json", "model.safetensors"):
+                if extra.name not in ("config.json", "model.safetensors", LORA_FILE):
                     dst = folder / extra.name
                     (shutil.copytree(extra, dst, dirs_exist_ok=True) if extra.is_dir() else shutil.copy2(extra, dst))
         logger.info("exported native LM to %s", folder)

@@ -74,6 +74,8 @@ class CorpusStage:
     judge: bool = True
     eval_fraction: float = 0.1
     output_voice: str = "kokoro:jm_kumo"
+    task_weights: dict[str, float] = field(default_factory=dict)  # share of `hours` per task (empty: equal)
+    augment: bool = True  # channel augmentation (band limit, noise, reverb) of the train split
 
 
 @dataclass
@@ -107,6 +109,7 @@ class TokenizeStage:
 class AssembleStage:
     name: str = "kimia-model"
     description: str = ""
+    dtype: str | None = None  # store the weights in this dtype (e.g. float16); None: as trained (fp32)
 
 
 @dataclass
@@ -299,7 +302,8 @@ class Pipeline:
 
         sc = SynthConfig(out=self.corpus, hours=c.hours, seed=c.seed, jobs=c.jobs or (os.cpu_count() or 1),
                          engines=tuple(c.engines or ENGINE_NAMES), tasks=tuple(c.tasks or TASKS), judge=c.judge,
-                         eval_fraction=c.eval_fraction, output_voice=c.output_voice, progress=False)
+                         eval_fraction=c.eval_fraction, output_voice=c.output_voice, progress=False,
+                         task_weights=dict(c.task_weights) or None, augment=c.augment)
         summary = build_corpus(sc)
         return {"corpus": str(self.corpus), "items": summary.get("items", summary.get("accepted"))}
 
@@ -490,7 +494,7 @@ class Pipeline:
                            detokenizer=self.export("dit"), vocoder=self.export("vocoder"))
         card = CardInfo(name=self.cfg.assemble.name, description=self.cfg.assemble.description,
                         data=self._card_data(), compute=self._card_compute(), commands=self._card_commands())
-        folder = assemble_model_folder(self.model_dir, parts, card)
+        folder = assemble_model_folder(self.model_dir, parts, card, dtype=self.cfg.assemble.dtype)
         return {"folder": str(folder)}
 
     def _card_data(self) -> str:

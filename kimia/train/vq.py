@@ -10,6 +10,9 @@ Model (`SemanticVQModel`):
   data initialisation by k-means on the first batch, dead-code restarts every `restart_interval` updates
   (codes whose EMA count fell below `restart_threshold` take random encoder outputs of the batch), a
   straight-through estimator, commitment loss 0.25 * ||z - sg(e)||^2 scaled by `loss_scale` (GLM: 10).
+- `model.freeze_encoder` keeps the encoder exactly as initialised (e.g. the packaged Whisper layers with their
+  own centred convolutions, `model.causal: false`): the codebook is then an online k-means of its pooled
+  features and the CTC head only measures how much of the transcript the codes still carry.
 - ASR head (training only): learned positions (the quantized vectors carry none) + `head_layers` Whisper
   encoder layers over the 12.5 Hz sequence + a linear layer emitting `head_upsample` CTC frames per token
   (12.5 Hz is slower than speech characters), CTC over lower-case characters (`CHARS`, blank 0).
@@ -24,6 +27,7 @@ multiple of 1280 samples, Whisper log-mel, frame mask). Export writes a `glm-4-v
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -89,6 +93,8 @@ class VQModelSpec:
     overrides: dict[str, Any] = field(default_factory=dict)  # SemanticTokenizerConfig overrides (presets)
     head_layers: int = 2
     head_upsample: int = 4  # CTC frames per 12.5 Hz token
+    freeze_encoder: bool = False  # keep the (Whisper) encoder exact: only the codebook (EMA) and the CTC head learn
+    causal: bool = True  # causal convolutions (GLM-4-Voice); False keeps Whisper's centred ones (frozen Whisper)
 
 
 @dataclass
@@ -214,7 +220,9 @@ class SemanticVQModel(nn.Module):
 
         Returns {"loss", "ctc", "commit", "perplexity", "used"}: loss = ctc + loss_scale * commitment * commit.
         """
-        out = self.encoder(mel, mask)
+        frozen = not any(p.requires_grad for p in self.encoder.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            out = self.encoder(mel, mask)
         z, valid = out.pooled.float(), out.mask  # [B, T, D], [B, T]
         zv = z[valid]
         codebook = self.encoder.codebook.weight
@@ -327,7 +335,8 @@ def encoder_config(spec: VQModelSpec) -> tuple[SemanticTokenizerConfig, str | No
     kind, _, name = spec.init.partition(":")
     if kind == "preset":
         d = SemanticTokenizerConfig.from_name(name).to_dict()
-        d.update(quantize_vocab_size=spec.codebook_size, quantize_causal_block_size=spec.block_size)
+        d.update(quantize_vocab_size=spec.codebook_size, quantize_causal_block_size=spec.block_size,
+                 encoder_causal_convolution=spec.causal)
         d.update(spec.overrides)
         return SemanticTokenizerConfig(**d), None
     if kind == "whisper":
@@ -351,7 +360,7 @@ def encoder_config(spec: VQModelSpec) -> tuple[SemanticTokenizerConfig, str | No
             d_model=w["d_model"], n_heads=w["n_heads"], ffn_dim=w["ffn_dim"], num_mel_bins=w["n_mels"],
             max_source_positions=w.get("max_source_positions", 1500), encoder_layers=spec.layers,
             quantize_position=spec.layers, pooling_position=spec.layers, quantize_vocab_size=spec.codebook_size,
-            quantize_causal_block_size=spec.block_size)
+            quantize_causal_block_size=spec.block_size, encoder_causal_convolution=spec.causal)
         return cfg, name
     raise ConfigError(f"model.init must be 'preset:<name>' or 'whisper:<name|path>', got {spec.init!r}")
 
@@ -398,6 +407,9 @@ class VQRecipe(Recipe):
             model.encoder.codebook.weight.requires_grad_(False)
             logger.info("VQ encoder initialised from Whisper %r (first %d layers)", self.whisper,
                         self.enc_cfg.quantize_position)
+        if m.freeze_encoder:
+            model.encoder.requires_grad_(False)
+            logger.info("VQ encoder frozen: the codebook is an online k-means of its pooled features")
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info("VQ tokenizer: %.2f M trainable parameters, codebook %d", n / 1e6, self.enc_cfg.quantize_vocab_size)
         return model.to(device)

@@ -1,0 +1,168 @@
+"""The pieces the shipped small model's recipe adds: logits only at loss positions, length-grouped global
+batches, a frozen audio-head text block, LoRA factors stored in the model-folder delta (bit-equal at load),
+fp16 storage, and a VQ tokenizer whose Whisper encoder stays frozen."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kimia.checkpoints.native import load_native_lm
+from kimia.checkpoints.smollm2 import load_delta_lm
+from kimia.errors import CheckpointError, ConfigError
+from kimia.train.common import GlobalBatchOrder, Trainer
+from kimia.train.config import load_config
+from kimia.train.data import SyntheticLMDataset
+from kimia.train.lm import LMRecipe, LMTrainConfig, lm_loss
+from kimia.train.vq import SyntheticToneASR, VQTrainConfig, train_vq
+
+from tests.test_model_folder_delta import FAKE_PACKAGE, fake_base  # noqa: F401 - the fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lm_cfg(tmp_path: Path, *overrides: str) -> LMTrainConfig:
+    return load_config(LMTrainConfig, ROOT / "configs/train/lm_tiny.yaml",
+                       [f"train.out_dir={tmp_path / 'run'}", "train.save_every=0", "train.log_every=0", *overrides])
+
+
+def _batch(recipe: LMRecipe, idx=(0, 1, 2, 5)):
+    ds = SyntheticLMDataset(8, num_base_tokens=285, token_offset=706, audio_vocab=1024, adaptor_dim=256)
+    return recipe.collate([ds[i] for i in idx])
+
+
+def test_sparse_logits_equal_the_full_ones_at_the_loss_positions(tmp_path):
+    recipe = LMRecipe(lm_cfg(tmp_path))
+    model = recipe.build_model(torch.device("cpu")).eval()
+    b = _batch(recipe)
+    args = (b.audio_ids, b.text_ids, b.positions)
+    kw = dict(continuous=b.continuous, continuous_mask=b.continuous_mask)
+    with torch.no_grad():
+        full = model(*args, **kw)
+        sparse = model(*args, **kw, logits_where=(b.text_loss_mask, b.audio_loss_mask))
+    assert sparse.text_logits.shape == (int(b.text_loss_mask.sum()), full.text_logits.shape[-1])
+    torch.testing.assert_close(sparse.text_logits, full.text_logits[b.text_loss_mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.audio_logits, full.audio_logits[b.audio_loss_mask], rtol=1e-5, atol=1e-5)
+    for x, y in zip(lm_loss(full, b), lm_loss(sparse, b)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    # a batch without audio targets skips the audio branch altogether
+    text_only = _batch(recipe, (0, 1))
+    assert not text_only.audio_loss_mask.any()
+    with torch.no_grad():
+        out = model(text_only.audio_ids, text_only.text_ids, text_only.positions, continuous=text_only.continuous,
+                    continuous_mask=text_only.continuous_mask,
+                    logits_where=(text_only.text_loss_mask, text_only.audio_loss_mask))
+    assert out.audio_logits is None
+    assert float(lm_loss(out, text_only)[1]) == 0.0
+    with pytest.raises(ConfigError, match="exclusive"):
+        model(*args, **kw, logits_at=-1, logits_where=(b.text_loss_mask, b.audio_loss_mask))
+
+
+def test_length_grouped_batches_keep_the_examples_of_each_step():
+    lengths = [(7 * i) % 23 for i in range(40)]
+    plain = GlobalBatchOrder(40, 4, 2, 2, seed=3)
+    grouped = GlobalBatchOrder(40, 4, 2, 2, seed=3, lengths=lengths)
+    one_rank = GlobalBatchOrder(40, 4, 4, 1, seed=3, lengths=lengths)
+    for step in range(12):  # crosses epochs
+        a = [i for k in range(2) for r in range(2) for i in plain.micro_indices(step, k, r)]
+        g = [grouped.micro_indices(step, k, r) for k in range(2) for r in range(2)]
+        flat = [i for m in g for i in m]
+        assert sorted(flat) == sorted(a)  # the same examples form the step
+        assert [lengths[i] for i in flat] == sorted(lengths[i] for i in flat)  # micro-batches of similar length
+        assert flat == [i for k in range(4) for i in one_rank.micro_indices(step, k, 0)]  # world-size invariant
+    with pytest.raises(ConfigError, match="lengths"):
+        GlobalBatchOrder(40, 4, 2, 1, seed=0, lengths=[1, 2])
+
+
+def test_group_by_length_trains_with_less_padding(tmp_path):
+    cfg = lm_cfg(tmp_path, "train.steps=2", "data.synthetic=12", "train.micro_batch=3", "train.grad_accum=2",
+                 "train.group_by_length=true")
+    trainer = Trainer(LMRecipe(cfg), cfg.train, cfg.optim, full_config=cfg)
+    hist = trainer.fit()
+    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in hist)
+
+
+def test_frozen_head_rows_stay_exact(tmp_path):
+    cfg = lm_cfg(tmp_path, "train.steps=3", "freeze_head_rows_below=706", "optim.weight_decay=0.5")
+    trainer = Trainer(LMRecipe(cfg), cfg.train, cfg.optim, full_config=cfg)
+    w0 = trainer.raw_model.mimo_output.weight.detach().clone()
+    trainer.fit()
+    w1 = trainer.raw_model.mimo_output.weight.detach()
+    assert torch.equal(w0[:706], w1[:706]) and not torch.equal(w0[706:], w1[706:])
+
+
+def _lora_export(fake, tmp_path):
+    """A LoRA-trained export of the fake SmolLM2 start: trunk frozen under adapters, new rows and the audio
+    branch trained (as small.yaml's lm stage)."""
+    init = fake["export"].parent / "init"
+    cfg = load_config(LMTrainConfig, None, [f"model.init={init}", "freeze=[trunk,text_tail]", "lora.enabled=true",
+                                            "lora.r=2", "lora.freeze_base=false",
+                                            "lora.targets=[model.layers.*.self_attn.q_proj,model.layers.*.mlp.up_proj]",
+                                            "freeze_embedding_rows_below=40", "freeze_head_rows_below=40"])
+    recipe = LMRecipe(cfg)
+    model = recipe.build_model(torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                if n in ("model.embed_tokens.weight", "mimo_output.weight"):
+                    p[40:] += 0.05 * torch.randn(p[40:].shape, generator=g)
+                else:
+                    p += 0.05 * torch.randn(p.shape, generator=g)
+    out = tmp_path / "lora_export"
+    recipe.export(model.state_dict(), out)
+    return out
+
+
+def test_lora_factors_are_stored_instead_of_merged_weights_and_load_bit_equal(fake_base, tmp_path):
+    from kimia.train.assemble import write_lm_delta
+
+    export = _lora_export(fake_base, tmp_path)
+    assert (export / "lora.safetensors").is_file()
+    doc = json.loads((export / "config.json").read_text())
+    doc["kimia_init"]["package"] = FAKE_PACKAGE
+    (export / "config.json").write_text(json.dumps(doc))
+    root = tmp_path / "m"
+    root.mkdir()
+    entry = write_lm_delta(export, root, "lm")
+    assert set(entry["lora_scales"]) == {f"model.layers.{i}.{m}" for i in range(3)
+                                         for m in ("self_attn.q_proj", "mlp.up_proj")}
+    assert not any(t.endswith("q_proj.weight") and t.startswith("model.layers.") for t in entry["delta_tensors"])
+    assert entry["rows_from"]["mimo_output.weight"] == 40
+    full, _ = load_native_lm(export)
+    delta, _ = load_delta_lm(entry, root)
+    for name, t in full.state_dict().items():
+        assert torch.equal(delta.state_dict()[name], t), name
+    # fp16 storage: about half the bytes, weights within fp16 rounding
+    root16 = tmp_path / "m16"
+    root16.mkdir()
+    e16 = write_lm_delta(export, root16, "lm", dtype="float16")
+    assert (root16 / "lm/delta.safetensors").stat().st_size < 0.6 * (root / "lm/delta.safetensors").stat().st_size
+    d16, _ = load_delta_lm(e16, root16, dtype=torch.float32)
+    for name, t in full.state_dict().items():
+        torch.testing.assert_close(d16.state_dict()[name], t, rtol=2e-3, atol=2e-3)
+    # a manifest whose LoRA list does not match the file is refused
+    bad = dict(entry, lora_scales={**entry["lora_scales"], "model.layers.0.self_attn.v_proj": 1.0})
+    with pytest.raises(CheckpointError, match="LoRA"):
+        load_delta_lm(bad, root)
+
+
+def test_frozen_whisper_vq_keeps_the_encoder_and_learns_the_codebook(tmp_path):
+    cfg = load_config(VQTrainConfig, ROOT / "configs/train/vq_tiny.yaml",
+                      [f"train.out_dir={tmp_path / 'run'}", "train.steps=4", "train.save_every=0", "train.log_every=0",
+                       "model.freeze_encoder=true", "model.causal=false", "model.block_size=null", "data.synthetic=8"])
+    from kimia.train.vq import VQRecipe
+
+    recipe = VQRecipe(cfg)
+    assert not recipe.enc_cfg.encoder_causal_convolution and recipe.enc_cfg.quantize_causal_block_size is None
+    trainer, hist = train_vq(cfg, SyntheticToneASR(8, seed=1))
+    start = VQRecipe(cfg).build_model(torch.device("cpu"))
+    trained = trainer.raw_model
+    for n, p in start.encoder.named_parameters():
+        if n != "codebook.weight":
+            assert torch.equal(p, trained.encoder.get_parameter(n)), n
+    assert not torch.equal(start.encoder.codebook.weight, trained.encoder.codebook.weight)
+    assert all(k in hist[-1] for k in ("ctc", "perplexity", "used"))
