@@ -26,6 +26,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -185,13 +186,15 @@ class _AudioStream:
 class KimiAudio:
     """Kimi-Audio: hear audio (and text), answer in text or in text + 24 kHz speech.
 
-    model_path: a model folder (official release layout or kimia's native layout, see kimia.model_folder).
+    model_path: a model folder (official release layout or kimia's native layout, see kimia.model_folder), the
+        name of a shipped model, or None: $KIMIA_MODEL, else kimia's own shipped model `kimia-small`.
     load_detokenizer: False skips the detokenizer and vocoder (text answers only; `both` returns wav None).
     device, dtype: default cuda > mps > cpu and bfloat16 on CUDA, float32 elsewhere.
     budgets: length limits (`Budgets`). **paths: component overrides such as `semantic_tokenizer_path=`.
     """
 
-    def __init__(self, model_path: str | os.PathLike, load_detokenizer: bool = True, device: str | torch.device | None = None,
+    def __init__(self, model_path: str | os.PathLike | None = None, load_detokenizer: bool = True,
+                 device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, *, budgets: Budgets | None = None, **paths: Any):
         from kimia.audio import load_audio
         from kimia.engine import Engine
@@ -199,7 +202,8 @@ class KimiAudio:
         from kimia.prompt import PromptBuilder
 
         self.budgets = budgets or Budgets()
-        self.parts = load_model_folder(model_path, load_detokenizer=load_detokenizer, device=device, dtype=dtype, **paths)
+        self.parts = load_model_folder(resolve_model_path(model_path), load_detokenizer=load_detokenizer, device=device,
+                                       dtype=dtype, **paths)
         p = self.parts
         self.device, self.dtype = p.device, p.dtype
         self.tokenizer, self.specials = p.tokenizer, p.specials
@@ -461,15 +465,43 @@ class KimiAudio:
                 yield ev
 
 
-def load_model(model_path: str | os.PathLike, **kwargs: Any) -> KimiAudio:
+def load_model(model_path: str | os.PathLike | None = None, **kwargs: Any) -> KimiAudio:
     """`KimiAudio(model_path, **kwargs)`."""
     return KimiAudio(model_path, **kwargs)
 
 
+DEFAULT_MODEL = "kimia-small"
+MODEL_ENV = "KIMIA_MODEL"
+
+
+def models_dir() -> Path:
+    """Where the shipped models live: `models/` beside the `kimia` package (the repository checkout)."""
+    return Path(__file__).resolve().parent.parent / "models"
+
+
 def available_models() -> list[str]:
-    """Names of models kimia can load without a path (none is shipped yet: pass a model folder)."""
-    return []
+    """Names of the shipped models that `KimiAudio(name)` loads without a path."""
+    root = models_dir()
+    return sorted(p.name for p in root.iterdir() if (p / "kimia.json").is_file()) if root.is_dir() else []
+
+
+def resolve_model_path(model_path: str | os.PathLike | None) -> Path:
+    """A model folder for `model_path`: a folder as given; a shipped model's name; None -> $KIMIA_MODEL, else
+    the shipped default (`kimia-small`). ConfigError naming what was looked for otherwise."""
+    if model_path is None:
+        model_path = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    p = Path(model_path).expanduser()
+    if p.is_dir():
+        return p
+    shipped = models_dir() / str(model_path)
+    if (shipped / "kimia.json").is_file():
+        return shipped
+    if str(model_path) == DEFAULT_MODEL:
+        raise ConfigError(f"the shipped default model {DEFAULT_MODEL!r} is not at {shipped} (kimia's models/ folder "
+                          "comes with a source checkout: pip install -e .); pass a model folder instead")
+    return p  # not a folder: the loader names it
 
 
 __all__ = ["KimiAudio", "Budgets", "StreamStart", "StreamError", "TextPiece", "AudioPiece", "StreamEnd", "StreamEvent",
-           "load_model", "available_models", "ASR_INSTRUCTION", "OUTPUT_SAMPLE_RATE"]
+           "load_model", "available_models", "models_dir", "resolve_model_path", "DEFAULT_MODEL", "ASR_INSTRUCTION",
+           "OUTPUT_SAMPLE_RATE"]

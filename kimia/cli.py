@@ -20,7 +20,9 @@ EXIT_USAGE = 2
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model folder (official release layout or kimia's native layout)")
+    p.add_argument("--model", default=None,
+                   help="model folder (official release layout or kimia's native layout) or a shipped model's name "
+                        "(default: $KIMIA_MODEL, else the shipped kimia-small)")
     p.add_argument("--semantic-tokenizer", default=None,
                    help="GLM-4-Voice tokenizer folder (default: glm-4-voice-tokenizer/ inside or beside the model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")

@@ -60,6 +60,11 @@ class GenerationConfig:
     skip_audio_branch: run the model without its audio branch (mimo layers + head), text mode only: the
         audio stream is forced to blank there, so the branch's output is never used. None = automatic:
         skip in text mode unless return_logits asks for the audio logits. Text results are identical.
+    skip_text_after_eos: in "both" mode, once every row's text has ended (the text stream is forced to blank
+        from then on), run the model without its text tail (layers after the fork + text head). None =
+        automatic: when text sampling is greedy (no random draw is skipped, so results are identical to the
+        full loop) and return_logits is off. True with sampled text gives valid samples but a different
+        random stream than the full loop.
     """
 
     output_type: OutputType = "text"
@@ -72,6 +77,7 @@ class GenerationConfig:
     audio_stop: bool = True
     return_logits: bool = False
     skip_audio_branch: bool | None = None
+    skip_text_after_eos: bool | None = None
 
     def __post_init__(self) -> None:
         if self.output_type not in ("text", "both"):
@@ -87,6 +93,8 @@ class GenerationConfig:
             raise ConfigError("text and audio must be SamplingParams")
         if self.skip_audio_branch and self.output_type != "text":
             raise ConfigError("skip_audio_branch=True needs output_type 'text' (audio is sampled in 'both')")
+        if self.skip_text_after_eos and (self.output_type != "both" or self.return_logits):
+            raise ConfigError("skip_text_after_eos=True needs output_type 'both' and return_logits off")
 
     @property
     def skips_audio(self) -> bool:
@@ -94,6 +102,13 @@ class GenerationConfig:
         if self.skip_audio_branch is not None:
             return bool(self.skip_audio_branch)
         return self.output_type == "text" and not self.return_logits
+
+    @property
+    def skips_text_after_eos(self) -> bool:
+        """Whether decode steps after every row's text EOS skip the text tail (see skip_text_after_eos)."""
+        if self.skip_text_after_eos is not None:
+            return bool(self.skip_text_after_eos)
+        return self.output_type == "both" and self.text.greedy and not self.return_logits
 
     @classmethod
     def from_official(cls, **kwargs) -> GenerationConfig:
@@ -393,10 +408,13 @@ class _DeviceState:
         self.hist_t = torch.empty(B, hist_len, dtype=torch.long, device=dev)
         self.hist_a = torch.empty(B, hist_len, dtype=torch.long, device=dev)
         self.text_done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.host_done = [False] * B  # text_done on the host (decides the text-tail skip without a sync)
+        self.skip_text_ok = config.skips_text_after_eos
+        self.text_skipped_steps = 0
         self.last_t = self.last_a = None
 
     @torch.inference_mode()
-    def _forward(self, i: int):
+    def _forward(self, i: int, skip_text: bool = False):
         e, m = self.e, self.e.model
         if i == 0:
             audio, text, cont, mask, lengths = prompt_tensors(m, self.prompts, e.specials.pad, e.device, e.dtype)
@@ -411,7 +429,7 @@ class _DeviceState:
         kv_len = int(self.max_len) + i  # = max position of this step + 1
         self._grow(kv_len)
         return m(self.last_a[:, None], self.last_t[:, None], positions, cache=self.cache, kv_len=kv_len,
-                 skip_audio=self.skip_audio)
+                 skip_audio=self.skip_audio, skip_text=skip_text)
 
     def _grow(self, needed: int) -> None:
         c = self.cache
@@ -426,14 +444,20 @@ class _DeviceState:
     @torch.inference_mode()
     def step(self, i: int, generator: torch.Generator | None):
         """Forward (prefill at i == 0), sample both streams, apply the forcing rules; return host ids."""
-        out = self._forward(i)
+        skip_text = i > 0 and self.skip_text_ok and all(self.host_done)
+        out = self._forward(i, skip_text)
         if i == 0:
             self.max_len = int(self.lengths.max())
         cfg, sp = self.config, self.e.specials
-        tl = out.text_logits[:, -1]
         al = out.audio_logits[:, -1] if out.audio_logits is not None else None
-        t = sample_with_params(tl, cfg.text, self.hist_t[:, :i] if i > 0 else None, generator)
-        t = torch.where(self.text_done, torch.full_like(t, self.blank), t)
+        if skip_text:  # every row's text has ended: the text id is the forced blank, no logits needed
+            tl = None
+            t = torch.full((self.text_done.shape[0],), self.blank, dtype=torch.long, device=self.text_done.device)
+            self.text_skipped_steps += 1
+        else:
+            tl = out.text_logits[:, -1]
+            t = sample_with_params(tl, cfg.text, self.hist_t[:, :i] if i > 0 else None, generator)
+            t = torch.where(self.text_done, torch.full_like(t, self.blank), t)
         self.text_done |= t == sp.text_eos
         if cfg.output_type == "text" or i < self.e.delay:
             a = torch.full_like(t, self.blank)  # forced: not sampled (no RNG draw)
@@ -443,6 +467,7 @@ class _DeviceState:
         self.hist_a[:, i] = a
         self.last_t, self.last_a = t, a
         ids = torch.stack([t, a]).tolist()  # the one host sync per step
+        self.host_done = [d or x == sp.text_eos for d, x in zip(self.host_done, ids[0])]
         logits = (tl.float().cpu(), None if al is None else al.float().cpu()) if cfg.return_logits else None
         return ids[0], ids[1], logits
 
@@ -456,6 +481,7 @@ class _DeviceState:
         self.max_len = int(self.lengths.max())
         for name in ("hist_t", "hist_a", "text_done", "last_t", "last_a"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
+        self.host_done = [self.host_done[r] for r in rows]
 
 
 @torch.inference_mode()

@@ -91,6 +91,7 @@ class ModelPaths:
     detokenizer: Path | None
     vocoder: Path | None
     lm_delta: dict[str, Any] | None = None  # kimia.json LM entry {base, delta, config}: base rebuilt from a package
+    stream: dict[str, Any] = field(default_factory=dict)  # kimia.json "stream": StreamConfig fields of this model
 
 
 def _need(path: Path, what: str, expected: str) -> Path:
@@ -185,7 +186,10 @@ def resolve_model_folder(model_path: str | os.PathLike, *, load_detokenizer: boo
         _need(detok, "detokenizer", f"a folder with config.yaml + model.pt ({OFFICIAL_DETOK}/) or config.json + model.safetensors")
         _need(voc, "vocoder", f"a folder with config.json + model.pt ({OFFICIAL_VOCODER}/) or model.safetensors")
     delta = comp["lm"] if layout == "native" and "lm_path" not in over and isinstance(comp.get("lm"), dict) else None
-    return ModelPaths(root, layout, lm, tok, tok_root, whisper, semantic, detok, voc, lm_delta=delta)
+    stream = (doc.get("stream") or {}) if layout == "native" else {}
+    if not isinstance(stream, dict):
+        raise CheckpointError(f"{root / MANIFEST}: 'stream' must be an object of detokenizer StreamConfig fields")
+    return ModelPaths(root, layout, lm, tok, tok_root, whisper, semantic, detok, voc, lm_delta=delta, stream=stream)
 
 
 def _delta_lm_folder(root: Path, entry: dict[str, Any], what: str) -> Path:
@@ -312,8 +316,14 @@ def load_model_folder(model_path: str | os.PathLike, *, load_detokenizer: bool =
         from kimia.detokenizer.loader import load_dit
         from kimia.detokenizer.stream import StreamingDetokenizer
 
+        from kimia.detokenizer.stream import StreamConfig
+
+        try:
+            stream_cfg = StreamConfig(**p.stream)
+        except TypeError as e:
+            raise CheckpointError(f"{p.root / MANIFEST}: bad 'stream' settings: {e}") from None
         dit = load_dit(p.detokenizer, device=dev, dtype=dt)
-        detok = StreamingDetokenizer(dit, load_vocoder(p.vocoder, device=dev, dtype=dt))
+        detok = StreamingDetokenizer(dit, load_vocoder(p.vocoder, device=dev, dtype=dt), stream_cfg)
     check_dimensions(cfg, extractor, semantic, detok, p)
     return LoadedModel(p, dev, dt, lm, cfg, tokenizer, specials, extractor, semantic, detok)
 

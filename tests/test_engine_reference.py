@@ -81,6 +81,31 @@ def test_generate_runs_match_reference_loop(fx):
             variants.append((fast, f"{fx}:{name} [skip_audio_branch]"))
         for cfg, what in variants:
             _check_run(engines[sub], exp, sp, run, name, cfg, what, step_tensors, exact, streams_tol, logits_tol)
+        if config.output_type == "both" and config.text.greedy:
+            _check_text_skip(engines[sub], exp, sp, run, name, f"{fx}:{name} [skip_text_after_eos]")
+
+
+def _check_text_skip(engine, exp, sp, run, name, what):
+    """Spoken-answer fast path: after every row's text EOS the text tail is not run; ids are unchanged."""
+    prompt = fixture_prompt(exp, sp, run["prompt"], "both")
+    calls = []
+    hook = engine.model.model.layers[-1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        results = {}
+        for skip in (False, True):
+            calls.clear()
+            cfg = GenerationConfig.from_official(**run["kwargs"])
+            cfg.skip_text_after_eos = skip
+            (results[skip],) = engine.generate([prompt], cfg)
+            results[skip, "calls"] = len(calls)
+    finally:
+        hook.remove()
+    a, b = results[False], results[True]
+    for field in ("step_text_tokens", "step_audio_tokens", "loop_text_tokens", "loop_audio_tokens", "stop_reason"):
+        assert getattr(a, field) == getattr(b, field), f"{what}: {field}"
+    assert results[False, "calls"] == a.steps
+    if a.text_eos_step is not None and a.text_eos_step + 1 < a.steps:
+        assert results[True, "calls"] == a.text_eos_step + 1, f"{what}: the text tail ran after the text EOS"
 
 
 def _check_run(engine, exp, sp, run, name, config, what, step_tensors, exact, streams_tol, logits_tol):

@@ -39,7 +39,7 @@ class LMOutput:
     """Logits of both heads, fp32. L' = L, or 1 when `logits_at` was given."""
 
     audio_logits: torch.Tensor | None  # [B, L', V] audio head (mimo branch); None with skip_audio=True
-    text_logits: torch.Tensor  # [B, L', V] text head (main trunk)
+    text_logits: torch.Tensor | None  # [B, L', V] text head (main trunk); None with skip_text=True
 
 
 class VQAdaptor(nn.Module):
@@ -176,6 +176,7 @@ class AudioLM(nn.Module):
         logits_at: torch.Tensor | int | None = None,
         skip_audio: bool = False,
         logits_where: tuple[torch.Tensor, torch.Tensor] | None = None,
+        skip_text: bool = False,
     ) -> LMOutput:
         """Teacher-forced pass over L positions of B rows.
 
@@ -192,6 +193,9 @@ class AudioLM(nn.Module):
                 writes; `audio_logits` is then None. Text logits are unaffected (the branch only reads the
                 trunk). For text-only generation, where the audio stream is forced to blank; the mimo slots
                 of a cache filled this way are stale, so do not later decode audio on that cache.
+            skip_text: True skips the text tail (main layers after the fork, norm, lm_head) and its KV-cache
+                writes; `text_logits` is then None. For spoken answers once every row's text has ended: the text
+                stream is forced to blank from then on, so the tail's output (and its cache) is never read again.
             logits_where: (text_mask, audio_mask), both [B, L] bool: logits only where the mask is set, packed
                 in row-major order ([N_text, V], [N_audio, V]). Training uses it to skip the two vocabulary
                 projections at positions without loss (most of them); an all-False audio mask also skips the
@@ -232,14 +236,17 @@ class AudioLM(nn.Module):
         if not skip_audio:
             for j, layer in enumerate(self.model.mimo_layers):
                 a = run(layer, a, cache.mimo(j) if cache is not None else None)
-        for i in range(fork + 1, c.num_hidden_layers):
-            x = run(self.model.layers[i], x, cache.main(i) if cache is not None else None)
-
-        if logits_at is not None:
-            x = _select(x, logits_at)
-        elif logits_where is not None:
-            x = x[logits_where[0]]
-        text_logits = self.lm_head(self.model.norm(x)).float()
+        if skip_audio and skip_text:
+            raise ConfigError("skip_audio and skip_text together leave nothing to compute")
+        text_logits = None
+        if not skip_text:
+            for i in range(fork + 1, c.num_hidden_layers):
+                x = run(self.model.layers[i], x, cache.main(i) if cache is not None else None)
+            if logits_at is not None:
+                x = _select(x, logits_at)
+            elif logits_where is not None:
+                x = x[logits_where[0]]
+            text_logits = self.lm_head(self.model.norm(x)).float()
         if skip_audio:
             return LMOutput(audio_logits=None, text_logits=text_logits)
         if logits_at is not None:

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP API, realtime websocket and web page",
                               description="Serve a Kimi-Audio model folder over HTTP (loopback by default).")
-    p.add_argument("model", help="model folder (official release layout or kimia native layout)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model folder (official release layout or kimia native layout; default: the shipped kimia-small)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")

@@ -125,13 +125,15 @@ def _param_count(folder: Path) -> int:
 
 
 def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardInfo | None = None, *,
-                          check: bool = True, dtype: str | None = None) -> Path:
+                          check: bool = True, dtype: str | None = None,
+                          stream: dict[str, Any] | None = None) -> Path:
     """Write a native model folder at `out` from the stage exports; returns it.
 
     The folder is built in `<out>.tmp` and renamed into place, so an interrupted assembly never leaves a
     half-written folder that looks complete. With `check` the staged folder is loaded once (all parts on
     CPU) and a loader error aborts the assembly. `dtype` (e.g. "float16") stores every floating-point
-    weight in that type (loaders cast to the compute dtype), halving the folder against fp32.
+    weight in that type (loaders cast to the compute dtype), halving the folder against fp32. `stream`:
+    the detokenizer's streaming settings for this model (StreamConfig fields, e.g. a small first chunk).
     """
     from kimia.model_folder import packaged_whisper_reference, write_manifest
 
@@ -162,7 +164,8 @@ def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardI
             if (tmp / sub).is_dir():  # the codebook stays exact: nearest-code ids must match training's
                 cast_safetensors(tmp / sub, dtype, keep=("codebook",))
     files = _files(tmp)
-    write_manifest(tmp, components, tok, name=card.name, files=files,
+    extra = {"stream": dict(stream)} if stream else {}
+    write_manifest(tmp, components, tok, name=card.name, files=files, **extra,
                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if check:
         from kimia.model_folder import load_model_folder

@@ -110,6 +110,7 @@ class AssembleStage:
     name: str = "kimia-model"
     description: str = ""
     dtype: str | None = None  # store the weights in this dtype (e.g. float16); None: as trained (fp32)
+    stream: dict[str, Any] = field(default_factory=dict)  # detokenizer StreamConfig fields written to kimia.json
 
 
 @dataclass
@@ -494,7 +495,8 @@ class Pipeline:
                            detokenizer=self.export("dit"), vocoder=self.export("vocoder"))
         card = CardInfo(name=self.cfg.assemble.name, description=self.cfg.assemble.description,
                         data=self._card_data(), compute=self._card_compute(), commands=self._card_commands())
-        folder = assemble_model_folder(self.model_dir, parts, card, dtype=self.cfg.assemble.dtype)
+        folder = assemble_model_folder(self.model_dir, parts, card, dtype=self.cfg.assemble.dtype,
+                                       stream=self.cfg.assemble.stream)
         return {"folder": str(folder)}
 
     def _card_data(self) -> str:
