@@ -39,29 +39,47 @@ def _load(args: argparse.Namespace, *, detokenizer: bool):
 
 
 # ------------------------------------------------------------------------------------------ demo
+DEMO_QUESTION = "demo_question.flac"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The shipped model answers the bundled spoken question: text streamed to stdout, speech to a wav."""
     import torch
 
-    from kimia.audio import example_path, load_audio
-    from kimia.encoders.whisper import load_continuous_extractor
-    from kimia.model_folder import resolve_device, resolve_dtype
+    from kimia.api import AudioPiece, KimiAudio, StreamEnd, TextPiece
+    from kimia.audio import example_path, load_audio, save_audio
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(device, args.dtype)  # the packaged weights are fp16: fp32 on CPU is much faster
-    path = example_path()
-    wave = load_audio(path)
-    print(f"example clip: {path.name}  ({wave.shape[0] / 16000:.2f} s, 16 kHz mono)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    question = Path(args.audio) if args.audio else example_path(DEMO_QUESTION)
+    wave = load_audio(question)
     t0 = time.perf_counter()
-    extractor = load_continuous_extractor("base", device=device, dtype=dtype)
+    model = KimiAudio(args.model, device=args.device, dtype=args.dtype)
     t1 = time.perf_counter()
-    with torch.inference_mode():
-        feats = extractor(wave)
+    print(f"model: {model.parts.paths.root}  (loaded in {t1 - t0:.1f} s on {model.parts.device})", file=sys.stderr)
+    print(f"question: {question.name} ({wave.shape[0] / 16000:.2f} s)", file=sys.stderr)
+    messages = [{"role": "user", "message_type": "audio", "content": str(question)}]
+    first_audio = None
     t2 = time.perf_counter()
-    print(f"Whisper base encoder (packaged): loaded in {t1 - t0:.2f} s on {device} ({str(dtype).replace('torch.', '')})")
-    print(f"continuous features: {tuple(feats.shape)} (12.5 Hz x 4 stacked frames) in {t2 - t1:.2f} s "
-          f"(real-time factor {(t2 - t1) / (wave.shape[0] / 16000):.2f})")
-    print("The shipped default model arrives in a later release; until then run "
-          "`kimia transcribe FILE --model PATH` or `kimia chat --model PATH` with a model folder.")
+    wav, text = None, ""
+    print("answer: ", end="", flush=True)
+    for ev in model.generate_stream(messages, output_type="both", seed=args.seed, max_new_tokens=args.max_new_tokens):
+        if isinstance(ev, TextPiece):
+            print(ev.delta, end="", flush=True)
+        elif isinstance(ev, AudioPiece) and first_audio is None and ev.pcm.numel():
+            first_audio = time.perf_counter() - t2
+        elif isinstance(ev, StreamEnd):
+            wav, text = ev.wav, ev.text
+    total = time.perf_counter() - t2
+    print(flush=True)
+    if wav is None or wav.numel() == 0:
+        print("kimia demo: the model gave no spoken answer", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    save_audio(out, wav[0], 24000)
+    seconds = wav.shape[-1] / 24000
+    print(f"spoken answer: {seconds:.2f} s -> {out}  (first audio after {first_audio or total:.2f} s, "
+          f"whole reply in {total:.2f} s: real-time factor {total / seconds:.2f})", file=sys.stderr)
     return 0
 
 
@@ -167,10 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="check the install: encode the bundled example clip (no model folder needed)")
-    p.add_argument("--device", default=None, help="device for the encoder (default: the best available)")
-    p.add_argument("--dtype", default=None, help="encoder dtype (default: bf16 on CUDA, else fp32)")
-    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("demo", help="the shipped model answers a bundled spoken question (text + speech)")
+    _add_model_args(p)
+    p.add_argument("--audio", default=None, help="ask this audio file instead of the bundled question")
+    p.add_argument("--out", default="demo_answer.wav", help="where to write the spoken answer (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_demo, max_new_tokens=-1)
 
     p = sub.add_parser("transcribe", help="speech to text (ASR) for one or more audio files")
     p.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3)")

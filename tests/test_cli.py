@@ -33,11 +33,37 @@ def _one_line_error(err: str) -> str:
     return lines[0]
 
 
-def test_demo_runs_without_a_model(capsys):
-    assert main(["demo"]) == 0
-    out = capsys.readouterr().out
-    assert "question.flac" in out and "(1, " in out and "2048)" in out  # base: 4 x 512 stacked channels
-    assert "later" in out
+def test_demo_answers_the_bundled_question_in_text_and_speech(tiny, tmp_path, capsys):
+    from kimia.api import KimiAudio
+    from kimia.audio import example_path
+
+    out = tmp_path / "answer.wav"
+    assert main(["demo", "--model", str(tiny), "--out", str(out), "--seed", "3", "--max-new-tokens", "24"]) == 0
+    cap = capsys.readouterr()
+    assert "demo_question.flac" in cap.err and "real-time factor" in cap.err
+    wav, sr = sf.read(out)
+    assert sr == 24000 and wav.size > 0
+    model = KimiAudio(tiny, device="cpu")
+    ref, text = model.generate([{"role": "user", "message_type": "audio", "content": str(example_path("demo_question.flac"))}],
+                               output_type="both", seed=3, max_new_tokens=24)
+    assert cap.out == f"answer: {text}\n"
+    assert wav.size == ref.shape[-1]
+
+
+def test_default_model_is_the_shipped_one_or_a_clear_error(monkeypatch, tmp_path):
+    from kimia import api
+    from kimia.errors import ConfigError
+
+    monkeypatch.delenv(api.MODEL_ENV, raising=False)
+    monkeypatch.setattr(api, "models_dir", lambda: tmp_path / "models")
+    with pytest.raises(ConfigError, match="kimia-small"):
+        api.resolve_model_path(None)
+    (tmp_path / "models" / "kimia-small").mkdir(parents=True)
+    (tmp_path / "models" / "kimia-small" / "kimia.json").write_text("{}")
+    assert api.resolve_model_path(None) == tmp_path / "models" / "kimia-small"
+    assert api.available_models() == ["kimia-small"]
+    monkeypatch.setenv(api.MODEL_ENV, str(tmp_path))
+    assert api.resolve_model_path(None) == tmp_path
 
 
 def test_no_command_prints_help(capsys):

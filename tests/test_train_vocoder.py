@@ -133,3 +133,19 @@ def test_recipe_routes_parameters_to_phases(tmp_path):
     disc = {n for n, _ in recipe.phase_parameters(model, "disc")}
     assert gen and disc and not gen & disc
     assert gen | disc == {n for n, _ in model.named_parameters()}
+
+
+def test_reconstruction_only_training_skips_the_discriminators(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=6", "loss.adversarial=false")
+    recipe = VocoderRecipe(cfg)
+    assert recipe.phases == ("gen",)
+    calls = []
+    trainer, hist = train_vocoder(cfg)
+    model = trainer.raw_model
+    h = model.discriminators.register_forward_hook(lambda *a: calls.append(1))
+    batch = trainer.recipe.collate([trainer.data[0], trainer.data[1]])
+    out = model(batch.mel, batch.wav, "gen")
+    h.remove()
+    assert not calls and set(out) == {"loss", "mel_l1", "stft"}
+    assert hist[-1]["mel_l1"] < hist[0]["mel_l1"]
+    assert (Path(cfg.train.out_dir) / "export" / "model.safetensors").is_file()

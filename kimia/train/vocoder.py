@@ -9,6 +9,10 @@ shared `Trainer` on the same micro-batches in order:
   loss (spectral convergence + L1 of log magnitudes, averaged over resolutions) + adv_weight * LS
   generator loss + fm_weight * feature matching (BigVGAN: mel 45, adversarial 1, feature matching 2x1).
 
+`loss.adversarial: false` trains the generator on the two reconstruction terms alone (one phase, no
+discriminator forward or backward: several times cheaper per step): the CPU-budget start, which a later GAN
+run continues from its export (`model.generator: <export folder>`).
+
 The mel is `kimia.detokenizer.mel` (the DiT's target, n_fft 1920 / hop 480 / 80 bins / fmax 12 kHz), so a
 trained vocoder and a trained DiT agree. Examples are random segments of `segment_frames` mel frames
 (x 480 samples) cut from 24 kHz audio in jsonl manifests (`audio_key`, default `target_audio_path`: the
@@ -66,6 +70,7 @@ class VocoderDataSpec:
 
 @dataclass
 class VocoderLossSpec:
+    adversarial: bool = True  # False: no discriminators at all (mel + STFT reconstruction only, one phase)
     mel_weight: float = 45.0
     stft_weight: float = 1.0
     adv_weight: float = 1.0
@@ -127,6 +132,8 @@ class VocoderGAN(nn.Module):
         y_hat = self.generator(mel)
         mel_l1 = F.l1_loss(mel_spectrogram(y_hat[:, 0]), mel.float())
         stft = multi_resolution_stft_loss(y_hat[:, 0], wav, c.stft_resolutions)
+        if not c.adversarial:
+            return {"loss": c.mel_weight * mel_l1 + c.stft_weight * stft, "mel_l1": mel_l1, "stft": stft}
         _, fake, f_real, f_fake = self.discriminators(y, y_hat)
         adv, fm = generator_adv_loss(fake), feature_matching_loss(f_real, f_fake)
         loss = c.mel_weight * mel_l1 + c.stft_weight * stft + c.adv_weight * adv + c.fm_weight * fm
@@ -209,6 +216,8 @@ class VocoderRecipe(Recipe):
         d.update(cfg.model.disc_overrides)
         self.disc_cfg = DiscriminatorConfig(**d)
         self._dataset = dataset
+        if not cfg.loss.adversarial:  # reconstruction-only training: the generator's phase alone
+            self.phases = ("gen",)
         if cfg.data.segment_frames < 2:
             raise ConfigError("data.segment_frames must be >= 2")
 
