@@ -71,3 +71,57 @@ def test_tiny_model_run_resume_and_reports(predictor, tmp_path):
     result = score_run(run, dataset="tiny", model="tiny-random")
     assert result["counts"]["scored"] == 3 and result["performance"]["overall"]["ref_words"] == 6
     assert (run / "report.md").is_file() and (run / "plots" / "wer_by_subset.png").is_file()
+
+
+def test_spoken_answers_are_heard_by_an_independent_recognizer(tmp_path):
+    """`spoken_answer`: text + speech per item, the wav written, Whisper base's transcript stored, WER of the
+    transcript against the model's own text, key checks, first-audio time and real-time factor reported."""
+    from kimia.eval.speech import parse_spoken
+
+    folder = write_tiny_model(tmp_path / "tiny")
+    rows = []
+    for i in range(2):
+        x = np.random.default_rng(i).uniform(-0.3, 0.3, 16000).astype(np.float32)
+        sf.write(tmp_path / f"q{i}.wav", x, 16000)
+        rows.append({"index": i, "audio_path": f"q{i}.wav", "question": "", "answer": "It is five.", "key": "five",
+                     "subset": "arith"})
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    man = load_manifest(tmp_path / "qa.jsonl")
+    recipe = load_recipe("spoken_answer").with_overrides(max_new_tokens=20)
+    pred = KimiAudioPredictor(str(folder), device="cpu")
+    assert pred.model.detokenizer is None  # loaded lazily, only for a spoken-answer recipe
+    run = tmp_path / "run"
+    res = run_dataset(man, pred, recipe, run, batch_size=1, progress=False)
+    assert res.merged and pred.model.detokenizer is not None
+    merged = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    for rec in merged:
+        p = parse_spoken(rec["prediction"])
+        assert set(p) == {"text", "transcript", "audio_path", "audio_s", "first_audio_s", "gen_s"}
+        if p["audio_s"]:
+            wav, sr = sf.read(p["audio_path"])
+            assert sr == 24000 and abs(wav.size / sr - p["audio_s"]) < 1e-3
+    result = score_run(run, dataset="qa", model="tiny-random", plots=False)
+    overall = result["performance"]["overall"]
+    assert overall["utterances"] == 2 and {"wer", "key_in_text", "key_in_speech", "rtf",
+                                            "first_audio_s_median"} <= set(overall)
+    # scoring from stored predictions: a transcript equal to the text is 0 % WER, a silent one 100 %
+    from kimia.eval.report import _contains
+    from kimia.eval.speech import score_spoken
+
+    recs = [{"index": 0, "key": "five", "prediction": json.dumps({"text": "It is five.", "transcript": "it is five",
+                                                                  "audio_s": 1.0, "gen_s": 0.5,
+                                                                  "first_audio_s": 0.2})},
+            {"index": 1, "key": "five", "prediction": json.dumps({"text": "Two words.", "transcript": "",
+                                                                  "audio_s": 0.0, "gen_s": 0.1})}]
+    perf, _ = score_spoken({"s": recs}, _contains)
+    assert perf["overall"]["wer"] == 40.0 and perf["overall"]["key_in_text"] == 50.0
+    assert perf["overall"]["key_in_speech"] == 50.0 and perf["overall"]["rtf"] == 0.6 and perf["overall"]["silent"] == 1
+
+
+def test_key_qa_scores_the_answer_key():
+    from kimia.eval.report import score_records
+
+    recs = [{"index": 0, "answer": "Five times three is fifteen.", "key": "fifteen", "prediction": "It is fifteen."},
+            {"index": 1, "answer": "Two plus two is four.", "key": "four", "prediction": "Two plus two is fourteen."}]
+    perf, _, _ = score_records(recs, load_recipe("spoken_qa"))
+    assert perf["overall"]["score"] == 50.0

@@ -32,7 +32,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     mode.add_argument("--compare", nargs="+", metavar="RUN", help="run folders or metrics.json files to compare")
     mode.add_argument("--build", choices=["asterisk", "pocketsphinx"], help="build a real-speech manifest")
     mode.add_argument("--list", action="store_true", help="list recipes, datasets and groups")
-    p.add_argument("--model", help="model folder (KimiAudio) or the name handed to --predictor")
+    p.add_argument("--model", help="model folder (KimiAudio; default: the shipped kimia-small) or the name handed to "
+                                   "--predictor")
     p.add_argument("--model-name", help="name used in the work dir and reports (default: model folder name)")
     p.add_argument("--predictor", help="custom predictor factory 'module:callable', called with the model path")
     p.add_argument("--recipe", help="built-in recipe name or YAML path (default: the dataset's task recipe)")
@@ -76,9 +77,7 @@ def _load_predictor(args):
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"cannot import predictor {args.predictor}: {exc}") from exc
         return factory(args.model)
-    if not args.model:
-        raise ConfigError("--model is required to run an evaluation")
-    from kimia.eval.runner import KimiAudioPredictor
+    from kimia.eval.runner import KimiAudioPredictor  # no --model: the shipped default model
     device = args.device
     if device is None:
         import torch
@@ -105,7 +104,7 @@ def _run(args) -> int:
     from kimia.eval.runner import dist_env, merge_shards, run_dataset
 
     datasets = resolve_data(args.data, args.data_root)
-    model_name = args.model_name or (Path(args.model).name if args.model else None) or "model"
+    model_name = args.model_name or (Path(args.model).name if args.model else None) or "kimia-small"
     predictor = None if args.reeval else _load_predictor(args)
     judge = None
     if args.judge:

@@ -7,8 +7,8 @@ runner writes the resolved recipe into every metrics JSON and the Markdown repor
 Fields: `name`, `task`, `description`, `prompt` (a `str.format` template over the item's fields:
 `{question}`, `{answer_options}`, any `meta` key; empty = no text message), `default_question` (used
 when an item's question is empty), `prompt_position` (`before` / `after` the audio, or `none`),
-`output_type` (`text` / `both`), `metric` (`wer`, `choice`, `label`, `ref_qa`, `token_f1`,
-`judge_score`), `lang` (optional, for WER), `sampling` (keyword arguments of `KimiAudio.generate`).
+`output_type` (`text` / `both`), `metric` (`wer`, `choice`, `label`, `ref_qa`, `key_qa` (the record's
+`key` in the answer), `token_f1`, `judge_score`, `speech_wer` (spoken answers, see kimia.eval.speech)), `lang` (optional, for WER), `sampling` (keyword arguments of `KimiAudio.generate`).
 Built-in recipes live in `kimia/eval/recipes/*.yaml`; `--recipe` also takes a path to a YAML file.
 """
 
@@ -27,7 +27,7 @@ from kimia.errors import ConfigError
 
 __all__ = ["Recipe", "load_recipe", "builtin_recipes", "recipe_for_task", "TASKS", "METRICS", "SAMPLING_KEYS"]
 
-METRICS = ("wer", "choice", "label", "ref_qa", "token_f1", "judge_score")
+METRICS = ("wer", "choice", "label", "ref_qa", "key_qa", "token_f1", "judge_score", "speech_wer")
 SAMPLING_KEYS = ("audio_temperature", "audio_top_k", "text_temperature", "text_top_k",
                  "audio_repetition_penalty", "audio_repetition_window_size", "text_repetition_penalty",
                  "text_repetition_window_size", "max_new_tokens")
@@ -36,7 +36,7 @@ SAMPLING_KEYS = ("audio_temperature", "audio_top_k", "text_temperature", "text_t
 TASKS: dict[str, str] = {
     "asr": "asr", "mqa": "mqa", "audio_qa": "audio_qa", "captioning": "captioning", "emotion": "emotion",
     "speaker_style": "emotion", "sound_event": "sound_event", "sound_scene": "sound_scene",
-    "conversation": "conversation",
+    "conversation": "conversation", "spoken_qa": "spoken_qa", "spoken_answer": "spoken_answer",
 }
 
 

@@ -114,8 +114,12 @@ def score_records(records: list[dict], recipe: Recipe, dataset: str = "", judge=
             perf[sub] = st.to_dict()
         perf[OVERALL] = total.to_dict()
         extras["confusion"] = conf.matrix()
-    elif metric in ("ref_qa", "token_f1", "judge_score"):
-        verdicts = judge.score(records, recipe) if judge is not None else None
+    elif metric == "speech_wer":
+        from kimia.eval.speech import score_spoken
+
+        perf, details = score_spoken({s: by_subset[s] for s in subsets}, _contains)
+    elif metric in ("ref_qa", "key_qa", "token_f1", "judge_score"):
+        verdicts = judge.score(records, recipe) if judge is not None and metric != "key_qa" else None
         allstats: dict[str, list[float]] = defaultdict(list)
         for sub in subsets:
             for rec in by_subset[sub]:
@@ -123,6 +127,8 @@ def score_records(records: list[dict], recipe: Recipe, dataset: str = "", judge=
                     v = verdicts.get(str(rec["index"]))
                 elif metric == "ref_qa":
                     v = 100.0 * _contains(str(rec["answer"]), rec["prediction"])
+                elif metric == "key_qa":
+                    v = 100.0 * _contains(str(rec.get("key") or rec["answer"]), rec["prediction"])
                 elif metric == "token_f1":
                     v = 100.0 * M.token_f1(str(rec["answer"]), rec["prediction"], _lang_of(rec, recipe, dataset))
                 else:
@@ -141,7 +147,7 @@ def score_records(records: list[dict], recipe: Recipe, dataset: str = "", judge=
 
 def headline(perf: dict, metric: str) -> tuple[str, float | None]:
     """The one number of a subset's stats: (column name, value)."""
-    if metric == "wer":
+    if metric in ("wer", "speech_wer"):
         return "WER %", perf.get("wer")
     if metric in ("choice", "label"):
         return "acc %", perf.get("accuracy")

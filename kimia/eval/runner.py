@@ -46,29 +46,52 @@ class Predictor(Protocol):
 class KimiAudioPredictor:
     """`Predictor` over `kimia.api.KimiAudio`: the recipe's messages, output type and sampling, text out.
 
-    `generate_batch` is used for batches when the model offers it, else `generate` item by item.
+    `generate_batch` is used for batches when the model offers it, else `generate` item by item. The model
+    loads without its detokenizer until a recipe asks for spoken answers (`output_type: both`, scored by
+    `kimia.eval.speech`); their audio goes to `<run_dir>/audio/` (the runner calls `set_run_dir`).
     """
 
-    def __init__(self, model_path: str, *, device: str | None = None, dtype: str | None = None, **kwargs):
+    def __init__(self, model_path: str | None, *, device: str | None = None, dtype: str | None = None, **kwargs):
+        self._path, self._kwargs = model_path, {"device": device, "dtype": dtype, **kwargs}
+        self._model, self._with_detokenizer = None, False
+        self.run_dir: Path | None = None
+        self.name = Path(model_path).name if model_path else "kimia-small"
+        self._get(False)
+
+    def _get(self, detokenizer: bool):
+        if self._model is not None and (self._with_detokenizer or not detokenizer):
+            return self._model
         from kimia.api import KimiAudio  # lazy: the eval package must import without the model stack
 
-        wanted = {"device": device, "dtype": dtype, "load_detokenizer": False, **kwargs}
+        wanted = {**self._kwargs, "load_detokenizer": detokenizer}
         try:
             params = inspect.signature(KimiAudio).parameters
             accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
             wanted = {k: v for k, v in wanted.items() if v is not None and (accepts_any or k in params)}
         except (TypeError, ValueError):
             wanted = {}
-        self.model = KimiAudio(model_path, **wanted)
-        self.name = Path(model_path).name or str(model_path)
+        self._model, self._with_detokenizer = KimiAudio(self._path, **wanted), detokenizer
+        return self._model
+
+    @property
+    def model(self):
+        return self._model
+
+    def set_run_dir(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
 
     def predict_batch(self, items: Sequence[EvalItem], recipe: Recipe) -> list[str]:
+        if recipe.output_type == "both":
+            from kimia.eval.speech import speak_batch
+
+            return speak_batch(self._get(True), items, recipe, (self.run_dir or Path("eval_result")) / "audio")
+        model = self._get(False)
         chats = [recipe.messages(it.question, [str(p) for p in it.audio_paths], it.meta) for it in items]
         kwargs = {"output_type": recipe.output_type, **recipe.sampling}
-        if len(chats) > 1 and hasattr(self.model, "generate_batch"):
-            outs = self.model.generate_batch(chats, **kwargs)
+        if len(chats) > 1 and hasattr(model, "generate_batch"):
+            outs = model.generate_batch(chats, **kwargs)
         else:
-            outs = [self.model.generate(c, **kwargs) for c in chats]
+            outs = [model.generate(c, **kwargs) for c in chats]
         return [o[1] if isinstance(o, tuple) else str(o) for o in outs]
 
 
@@ -183,6 +206,8 @@ def run_dataset(manifest: Manifest, predictor: Predictor, recipe: Recipe, run_di
                     old.unlink(missing_ok=True)
     if rank == 0:
         _check_recipe(run_dir, recipe, force)
+    if hasattr(predictor, "set_run_dir"):
+        predictor.set_run_dir(run_dir)
 
     items = manifest.items[:limit] if limit is not None else manifest.items
     mine = items[rank::world_size]

@@ -1,0 +1,121 @@
+"""Spoken answers: generate text + speech, hear the speech with an independent recognizer, score both.
+
+A model that talks back is judged on what it *says*, not only on what it writes: `speak_batch` streams each
+answer (`KimiAudio.generate_stream`, output_type "both"), records when the first audio arrived and how long the
+whole reply took, writes the 24 kHz answer to `<run_dir>/audio/<index>.wav`, and transcribes it with Whisper
+base (faster-whisper, the packaged CTranslate2 weights: the same judge the corpus builder uses, independent of
+the model's own encoders). The prediction stored by the runner is a JSON object
+`{"text", "transcript", "audio_path", "audio_s", "first_audio_s", "gen_s"}`.
+
+`score_spoken` (metric `speech_wer`) gives per subset: the corpus WER of the transcript against the model's
+own text answer, how often the answer key (the record's `key`) is in the text and in the transcript, the
+median time to first audio and the real-time factor (generation seconds / answer seconds, summed).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["speak_batch", "score_spoken", "parse_spoken"]
+
+_JUDGE = None
+
+
+def _judge():
+    global _JUDGE
+    if _JUDGE is None:
+        from kimia.data.judge import Judge
+
+        _JUDGE = Judge("base", cpu_threads=2)
+    return _JUDGE
+
+
+def speak_batch(model: Any, items: Sequence[Any], recipe: Any, audio_dir: Path) -> list[str]:
+    """One JSON prediction string per item (see the module docstring); items are answered one by one so
+    that latency and real-time factor are those of a single user."""
+    import soxr
+
+    from kimia.api import AudioPiece, StreamEnd
+    from kimia.audio import save_audio
+
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for it in items:
+        messages = recipe.messages(it.question, [str(p) for p in it.audio_paths], it.meta)
+        t0 = time.perf_counter()
+        first, wav, text = None, None, ""
+        for ev in model.generate_stream(messages, **{**recipe.sampling, "output_type": "both"}):
+            if isinstance(ev, AudioPiece) and first is None and ev.pcm.numel():
+                first = time.perf_counter() - t0
+            elif isinstance(ev, StreamEnd):
+                wav, text = ev.wav, ev.text
+        gen_s = time.perf_counter() - t0
+        rec: dict[str, Any] = {"text": text, "transcript": "", "audio_path": None, "audio_s": 0.0,
+                               "first_audio_s": first, "gen_s": round(gen_s, 4)}
+        if wav is not None and wav.numel():
+            path = audio_dir / f"{it.index}.wav"
+            save_audio(path, wav[0], 24000)
+            pcm = wav[0].float().numpy()
+            rec.update(audio_path=str(path), audio_s=round(pcm.size / 24000, 4),
+                       transcript=_judge().transcribe(soxr.resample(pcm, 24000, 16000)))
+        out.append(json.dumps(rec, ensure_ascii=False))
+    return out
+
+
+def parse_spoken(prediction: str) -> dict[str, Any]:
+    """The JSON object of a spoken-answer prediction (an unreadable one counts as silence)."""
+    try:
+        rec = json.loads(prediction)
+        if isinstance(rec, dict):
+            return rec
+    except (TypeError, ValueError):
+        pass
+    return {"text": str(prediction or ""), "transcript": "", "audio_s": 0.0, "first_audio_s": None, "gen_s": 0.0}
+
+
+def score_spoken(records_by_subset: dict[str, list[dict]], contains) -> tuple[dict, list[dict]]:
+    """(performance per subset + overall, per-item details) for spoken-answer predictions."""
+    from kimia.eval import metrics as M
+
+    perf: dict[str, dict] = {}
+    details: list[dict] = []
+    pooled: list[tuple[dict, dict, int, int]] = []
+    for sub, recs in sorted(records_by_subset.items()):
+        rows = []
+        for r in recs:
+            p = parse_spoken(r["prediction"])
+            err, n, ref, hyp = M.utterance_wer(p.get("text", ""), p.get("transcript", ""), "en")
+            key = str(r.get("key") or r.get("answer") or "")
+            rows.append((r, p, err, n))
+            details.append({"index": r["index"], "subset": sub, "errors": err, "ref_len": n, "ref": " ".join(ref),
+                            "hyp": " ".join(hyp), "key": key, "key_in_text": contains(key, p.get("text", "")),
+                            "key_in_speech": contains(key, p.get("transcript", "")),
+                            "first_audio_s": p.get("first_audio_s"), "audio_s": p.get("audio_s")})
+        perf[sub] = _summary(rows, contains)
+        pooled += rows
+    perf["overall"] = _summary(pooled, contains)
+    return perf, details
+
+
+def _summary(rows: list[tuple[dict, dict, int, int]], contains) -> dict[str, Any]:
+    err = sum(e for _, _, e, _ in rows)
+    words = sum(n for _, _, _, n in rows)
+    keys = [str(r.get("key") or r.get("answer") or "") for r, _, _, _ in rows]
+    first = [p["first_audio_s"] for _, p, _, _ in rows if p.get("first_audio_s") is not None]
+    audio = sum(float(p.get("audio_s") or 0.0) for _, p, _, _ in rows)
+    gen = sum(float(p.get("gen_s") or 0.0) for _, p, _, _ in rows)
+    n = max(len(rows), 1)
+    return {
+        "wer": round(100.0 * err / words, 2) if words else None, "errors": err, "ref_words": words,
+        "utterances": len(rows), "silent": sum(1 for _, p, _, _ in rows if not p.get("audio_s")),
+        "key_in_text": round(100.0 * sum(contains(k, p.get("text", "")) for k, (_, p, _, _) in zip(keys, rows)) / n, 2),
+        "key_in_speech": round(100.0 * sum(contains(k, p.get("transcript", "")) for k, (_, p, _, _) in
+                                           zip(keys, rows)) / n, 2),
+        "first_audio_s_median": round(statistics.median(first), 3) if first else None,
+        "rtf": round(gen / audio, 3) if audio else None,
+    }
