@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from kimia.errors import AudioError, ConfigError
+from kimia.eval.normalizers import normalize
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +94,9 @@ def _find_sounds(root: Path) -> Path:
 
 
 def build_asterisk(out_dir: str | Path, *, sounds: str | Path = ASTERISK_SOUNDS,
-                   transcripts: str | Path = ASTERISK_TRANSCRIPTS, name: str = "asterisk-en") -> Path:
-    """Decode the G.722 prompts to wav under `out_dir/audio/` and write `out_dir/<name>.jsonl`."""
+                   transcripts: str | Path = ASTERISK_TRANSCRIPTS, name: str = "asterisk-en", min_words: int = 0) -> Path:
+    """Decode the G.722 prompts to wav under `out_dir/audio/` and write `out_dir/<name>.jsonl`; with
+    `min_words`, only prompts whose reference has at least that many words (after normalisation)."""
     import soundfile as sf
     out_dir = Path(out_dir)
     sounds_dir = _find_sounds(Path(sounds))
@@ -106,6 +108,8 @@ def build_asterisk(out_dir: str | Path, *, sounds: str | Path = ASTERISK_SOUNDS,
         ref = re.sub(r"\s+", " ", _BRACKETS.sub(" ", texts[key])).strip()
         if not src.is_file() or not re.search(r"\w", ref):
             skipped += 1
+            continue
+        if min_words and len(normalize(ref, "en").split()) < min_words:
             continue
         try:
             pcm = decode_g722(src)

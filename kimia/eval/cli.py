@@ -55,6 +55,7 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--judge-url", help="OpenAI-compatible base URL (or $KIMIA_JUDGE_URL / $OPENAI_BASE_URL)")
     p.add_argument("--judge-model", help="judge model name (or $KIMIA_JUDGE_MODEL; default gpt-4o-mini)")
     p.add_argument("--out", help="--build: output folder; --compare: Markdown file (a .png is written beside it)")
+    p.add_argument("--min-words", type=int, default=0, help="--build asterisk: only prompts of at least N words")
     return p
 
 
@@ -148,7 +149,9 @@ def run_eval_cli(args: argparse.Namespace) -> int:
             from kimia.eval.builders import BUILDERS
             if not args.out:
                 raise ConfigError("--build needs --out DIR")
-            print(BUILDERS[args.build](args.out))
+            kw = {"min_words": args.min_words, "name": f"asterisk-en-{args.min_words}w"} \
+                if args.build == "asterisk" and args.min_words else {}
+            print(BUILDERS[args.build](args.out, **kw))
             return 0
         if args.compare:
             from kimia.eval.report import compare_runs

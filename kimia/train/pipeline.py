@@ -58,8 +58,19 @@ DEPENDS = {"corpus": (), "whisper": (), "vq": ("corpus",), "lm_init": ("whisper"
            "tokenize": ("corpus", "whisper", "vq", "lm_init"), "lm": ("whisper", "lm_init", "tokenize"),
            "dit": ("corpus", "vq"), "vocoder": ("corpus",), "assemble": ("whisper", "vq", "lm", "dit", "vocoder"),
            "eval": ("assemble",)}
-EVAL_RECIPES = {"asr": "asr", "spoken_qa": "audio_qa", "sound": "sound_event", "style": "emotion",
-                "dialogue": "conversation"}
+# eval task -> (corpus manifest task, kimia eval recipe, record filter); "real:<builder>" sets are built from
+# the Debian packages of real human speech (evaluation only) instead of read from the corpus
+EVAL_TASKS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "asr": ("asr", "asr", {}),
+    "spoken_qa": ("spoken_qa", "spoken_qa", {}),
+    "speech": ("spoken_qa", "spoken_answer", {}),
+    "sound": ("sound", "sound_event", {"category": "classify"}),
+    "caption": ("sound", "captioning", {"category": "caption"}),
+    "style": ("style", "emotion", {}),
+    "asterisk": ("real:asterisk", "asr", {}),
+    "pocketsphinx": ("real:pocketsphinx", "asr", {}),
+}
+EVAL_RECIPES = {k: v[1] for k, v in EVAL_TASKS.items()}
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -118,6 +129,8 @@ class EvalStage:
     tasks: list[str] = field(default_factory=lambda: ["asr", "spoken_qa", "sound"])
     split: str = "eval"  # manifests <corpus>/manifests/<task>_<split>.jsonl; empty ones are skipped
     limit: int = 50  # items per task
+    limits: dict[str, int] = field(default_factory=dict)  # per-task item limits (e.g. speech: 40)
+    asterisk_min_words: int = 4  # the real-speech floor is measured on prompts of at least this many words
     max_new_tokens: int = 64
     demo: bool = True  # one spoken question answered in text + speech -> <work>/eval/demo.wav
     seed: int = 0
@@ -535,17 +548,13 @@ class Pipeline:
         if e.demo:
             info["demo"] = self._demo(out)
         for task in e.tasks:
-            if task not in EVAL_RECIPES:
-                raise ConfigError(f"eval.tasks: unknown task {task!r}; known: {sorted(EVAL_RECIPES)}")
-            found = self._manifests([task], e.split)
-            if not found:
-                logger.info("eval: no %s_%s manifest with items; skipped", task, e.split)
+            if task not in EVAL_TASKS:
+                raise ConfigError(f"eval.tasks: unknown task {task!r}; known: {sorted(EVAL_TASKS)}")
+            local = self._eval_manifest(task, out)
+            if local is None:
                 continue
-            from kimia.data.manifest import read_manifest
-
-            local = out / Path(found[0]).name  # the corpus' relative paths made absolute for `kimia eval`
-            local.write_text("".join(json.dumps(r) + "\n" for r in read_manifest(found[0], absolute=True)))
-            info[task] = run_quick_eval(self.model_dir, str(local), EVAL_RECIPES[task], out / "runs", e.limit,
+            limit = e.limits.get(task, e.limit)
+            info[task] = run_quick_eval(self.model_dir, str(local), EVAL_RECIPES[task], out / "runs", limit,
                                         e.max_new_tokens)
         (out / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
         body = ["| task | recipe | metric | value | items |", "|---|---|---|---|---|"]
@@ -559,33 +568,56 @@ class Pipeline:
         update_card_section(self.model_dir, "Evaluation", "\n".join(body))
         return info
 
-    def _demo(self, out: Path) -> dict[str, Any]:
-        import soundfile as sf
-
-        from kimia.api import OUTPUT_SAMPLE_RATE, KimiAudio
+    def _eval_manifest(self, task: str, out: Path) -> Path | None:
+        """The manifest one eval task runs on (absolute audio paths, filtered), or None when it has no items."""
         from kimia.data.manifest import read_manifest
 
-        q = None
-        for split in ("eval", "train"):
-            mf = self.corpus / "manifests" / f"spoken_qa_{split}.jsonl"
-            for rec in read_manifest(mf) if mf.is_file() else []:  # paths resolved against the manifest's folder
-                q = Path(rec["audio_path"])
-                break
-            if q is not None:
-                break
-        if q is None:
-            raise ConfigError(f"no spoken question in {self.corpus / 'manifests'} for the demo")
+        source, _, keep = EVAL_TASKS[task]
+        if source.startswith("real:"):
+            from kimia.eval.builders import BUILDERS
+
+            name = source.split(":", 1)[1]
+            kw = {"min_words": self.cfg.eval.asterisk_min_words, "name": f"{task}-{self.cfg.eval.asterisk_min_words}w"} \
+                if name == "asterisk" else {}
+            try:
+                return BUILDERS[name](out / "real", **kw)
+            except ConfigError as err:  # its Debian package is not installed here
+                logger.warning("eval: %s skipped (%s)", task, err)
+                return None
+        found = self._manifests([source], self.cfg.eval.split)
+        if not found:
+            logger.info("eval: no %s_%s manifest with items; skipped", source, self.cfg.eval.split)
+            return None
+        recs = [r for r in read_manifest(found[0], absolute=True) if all(r.get(k) == v for k, v in keep.items())]
+        if not recs:
+            return None
+        local = out / f"{task}_{self.cfg.eval.split}.jsonl"  # the corpus' relative paths made absolute
+        local.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        return local
+
+    def _demo(self, out: Path) -> dict[str, Any]:
+        """`kimia demo`'s bundled held-out question, answered in text + speech (first-audio time, RTF)."""
+        import soundfile as sf
+
+        from kimia.api import OUTPUT_SAMPLE_RATE, AudioPiece, KimiAudio, StreamEnd
+        from kimia.audio import example_path
+
+        q = example_path("demo_question.flac")
         model = KimiAudio(self.model_dir, device="cpu")
-        t0 = time.time()
-        wav, text = model.generate([{"role": "user", "message_type": "audio", "content": str(q)}],
-                                   output_type="both", max_new_tokens=self.cfg.eval.max_new_tokens,
-                                   seed=self.cfg.eval.seed)
+        t0, first, wav, text = time.time(), None, None, ""
+        for ev in model.generate_stream([{"role": "user", "message_type": "audio", "content": str(q)}],
+                                        output_type="both", max_new_tokens=self.cfg.eval.max_new_tokens,
+                                        seed=self.cfg.eval.seed):
+            if isinstance(ev, AudioPiece) and first is None and ev.pcm.numel():
+                first = time.time() - t0
+            elif isinstance(ev, StreamEnd):
+                wav, text = ev.wav, ev.text
         seconds = time.time() - t0
         audio = wav.reshape(-1).numpy() if wav is not None else []
         sf.write(str(out / "demo.wav"), audio, OUTPUT_SAMPLE_RATE)
         (out / "demo.txt").write_text(text + "\n")
-        return {"question": str(q), "text": text, "audio_seconds": len(audio) / OUTPUT_SAMPLE_RATE,
-                "seconds": round(seconds, 3)}
+        return {"question": q.name, "text": text, "audio_seconds": len(audio) / OUTPUT_SAMPLE_RATE,
+                "seconds": round(seconds, 3), "first_audio_s": None if first is None else round(first, 3)}
 
 
 # ------------------------------------------------------------------------------------------ helpers
