@@ -93,3 +93,14 @@ def test_stats_and_speedup():
     st = common.Stats.metric(runs, "x")
     assert (st.median, st.clean.median, st.clean.n) == (1.0, 3.0, 1)
     assert st.inverse(6.0).clean.median == 2.0 and st.scaled(2.0).clean.median == 6.0
+
+
+def test_shipped_quick_on_a_tiny_model_folder(tmp_path, capsys):
+    from bench import shipped
+    from tests.tiny_model import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "tiny")
+    shipped.main(["--quick", "--model", str(folder), "--max-new-tokens", "16"])
+    out = capsys.readouterr().out
+    for name in ("first_audio", "reply", "rtf", "decode steps/s (both)", "decode steps/s (text)", "peak memory"):
+        assert name in out, out
