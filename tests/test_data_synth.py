@@ -180,7 +180,9 @@ def test_tiny_corpus_resumes_without_regenerating(tmp_path, capsys):
     assert summary["hours"]["input"] == pytest.approx(sum(per_task.values()) / 3600, abs=1e-5)
     assert not (train_texts & eval_texts - {""})
     convs = read_conversations(out / "finetune" / "train.jsonl") + read_conversations(out / "finetune" / "eval.jsonl")
-    assert len(convs) == summary["items"]["accepted"]
+    qa = summary["items"]["accepted_per_task"].get("spoken_qa", 0)
+    assert len(convs) == summary["items"]["accepted"] + qa  # spoken questions also answered in text only
+    assert sum(c["task"] == "spoken_qa_text" for c in convs) == qa
     for c in convs:
         assert c["task_type"] in ("understanding", "speech2speech")
         assert c["conversation"][-1]["role"] == "assistant"

@@ -166,3 +166,32 @@ def test_frozen_whisper_vq_keeps_the_encoder_and_learns_the_codebook(tmp_path):
             assert torch.equal(p, trained.encoder.get_parameter(n)), n
     assert not torch.equal(start.encoder.codebook.weight, trained.encoder.codebook.weight)
     assert all(k in hist[-1] for k in ("ctc", "perplexity", "used"))
+
+
+def test_long_form_asr_joins_clips_deterministically():
+    from kimia.prompt import PromptBuilder
+    from kimia.tokens import SpecialTokens
+    from kimia.train.data import IdTokenizer, ManifestLMDataset
+
+    tok = IdTokenizer(285)
+    sp = SpecialTokens.from_tokenizer(tok, token_offset=706)
+    recs = []
+    for k in range(6):
+        n = 5 + k
+        recs.append({"task_type": "understanding", "task": "asr" if k < 5 else "sound", "conversation": [
+            {"role": "user", "message_type": "text", "content": "3 4"},
+            {"role": "user", "message_type": "audio", "content": None, "audio_tokens": [706 + k] * n,
+             "features": torch.full((n, 8), float(k))},
+            {"role": "assistant", "message_type": "text", "content": str(10 + k)}]})
+    plain = ManifestLMDataset(recs, PromptBuilder(tok, sp))
+    joined = ManifestLMDataset(recs, PromptBuilder(tok, sp), concat_prob=1.0, concat_max=3, seed=4)
+    for i in range(5):
+        a, b = plain[i], joined[i]
+        assert len(b) > len(a) and len(b.spans) == 1  # one longer audio span
+        feats = b.features[0]
+        assert feats[0, 0] == i and feats.shape[0] == b.spans[0][1]  # starts with its own clip
+        assert int(b.text_loss_mask.sum()) > int(a.text_loss_mask.sum())  # the joined transcript is longer
+        assert torch.equal(b.audio_ids, joined[i].audio_ids)  # same example every time
+    assert torch.equal(plain[5].audio_ids, joined[5].audio_ids)  # non-ASR records stay as they are
+    with pytest.raises(ConfigError, match="concat_max"):
+        ManifestLMDataset(recs, PromptBuilder(tok, sp), concat_prob=0.5, concat_max=1)

@@ -175,7 +175,8 @@ def eval_record(rec: dict) -> dict:
 
 
 def conversation_record(rec: dict) -> dict:
-    """Finetune sample {"task_type", "conversation"} in Kimi-Audio's message format."""
+    """Finetune sample {"task_type", "task", "conversation"} in Kimi-Audio's message format (`task` is the
+    corpus task the sample comes from; the official finetune reader ignores unknown fields)."""
     clips = {c["name"]: c for c in rec["clips"]}
     if rec["task"] in ("spoken_qa", "dialogue"):
         conv = []
@@ -183,9 +184,21 @@ def conversation_record(rec: dict) -> dict:
             if u in clips:
                 conv += [user_audio(_from_manifest_dir(clips[u]["path"])),
                          assistant_audio_text(_from_manifest_dir(clips[a]["path"]), clips[a]["text"])]
-        return {"task_type": "speech2speech", "conversation": conv}
-    return {"task_type": "understanding", "conversation": [user_text(rec["question"]), user_audio(_from_manifest_dir(clips["u0"]["path"])),
-                                                           assistant_text(rec["answer"])]}
+        return {"task_type": "speech2speech", "task": rec["task"], "conversation": conv}
+    return {"task_type": "understanding", "task": rec["task"],
+            "conversation": [user_text(rec["question"]), user_audio(_from_manifest_dir(clips["u0"]["path"])),
+                             assistant_text(rec["answer"])]}
+
+
+def conversation_records(rec: dict) -> list[dict]:
+    """Every finetune sample of one item: its conversation, and for a spoken question also the same question
+    answered in text only (the `ct` layout a text-mode request uses), so both output types are trained."""
+    out = [conversation_record(rec)]
+    if rec["task"] == "spoken_qa":
+        clips = {c["name"]: c for c in rec["clips"]}
+        out.append({"task_type": "understanding", "task": "spoken_qa_text",
+                    "conversation": [user_audio(_from_manifest_dir(clips["u0"]["path"])), assistant_text(rec["answer"])]})
+    return out
 
 
 def summarize(recs: list[dict], cfg, engines: list[str], missing: list[str], out_voice, stats: dict,
@@ -240,7 +253,7 @@ def write_outputs(root: Path, recs: list[dict], cfg, engines, missing, out_voice
                                (eval_record(r) for r in acc if r["task"] == task and r["split"] == split))
     for split in ("train", "eval"):
         write_jsonl_atomic(root / "finetune" / f"{split}.jsonl",
-                           (conversation_record(r) for r in acc if r["split"] == split))
+                           (c for r in acc if r["split"] == split for c in conversation_records(r)))
     summary = summarize(recs, cfg, engines, missing, out_voice, stats, wall_s)
     write_json_atomic(root / "summary.json", summary)
     return summary
@@ -261,6 +274,6 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EVAL_KIT_FIELDS", "conversation_record", "eval_record", "format_summary", "summarize", "write_outputs", "assistant_audio_text", "assistant_text", "corpus_root_of", "read_conversations",
+__all__ = ["EVAL_KIT_FIELDS", "conversation_record", "conversation_records", "eval_record", "format_summary", "summarize", "write_outputs", "assistant_audio_text", "assistant_text", "corpus_root_of", "read_conversations",
            "read_json", "read_jsonl", "read_manifest", "user_audio", "user_text", "write_json_atomic",
            "write_jsonl_atomic", "write_wav_atomic"]

@@ -190,17 +190,27 @@ def output_type_of(task_type: str | None) -> str:
 
 
 class ManifestLMDataset:
-    """Indexable training prompts from manifest records, built lazily by `PromptBuilder`."""
+    """Indexable training prompts from manifest records, built lazily by `PromptBuilder`.
+
+    Long-form ASR (`concat_prob` > 0): a record of corpus task "asr" is, with that probability, joined with 1 to
+    `concat_max - 1` other ASR records (chosen by a generator seeded with the index, so example i is always the
+    same): one audio span of their concatenated semantic ids and Whisper features, one transcript of their
+    joined texts. Synthetic clips are single sentences; real prompts run to 15 s and more, and this teaches the
+    model to keep transcribing over spans longer than any one training clip.
+    """
 
     def __init__(self, records: Sequence[Mapping[str, Any]], builder: PromptBuilder, *, max_len: int = 0,
-                 audio: AudioCache | None = None):
+                 audio: AudioCache | None = None, concat_prob: float = 0.0, concat_max: int = 3, seed: int = 0):
         self.records, self.builder, self.max_len, self.audio = list(records), builder, max_len, audio
+        self.concat_prob, self.concat_max, self.seed = concat_prob, concat_max, seed
+        self.asr = [i for i, r in enumerate(self.records) if r.get("task") == "asr"]
+        if concat_prob > 0 and concat_max < 2:
+            raise ConfigError(f"concat_max must be >= 2 when concat_prob > 0, got {concat_max}")
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> PromptBatch:
-        rec = self.records[i]
+    def _messages(self, rec: Mapping[str, Any]) -> list[dict[str, Any]]:
         msgs = []
         for m in rec["conversation"]:
             m = dict(m)
@@ -211,8 +221,44 @@ class ManifestLMDataset:
             if m.get("message_type") == "audio" and m.get("features") is not None and m.get("audio_tokens") is not None:
                 m["features"] = match_length(m["features"], len(m["audio_tokens"]))
             msgs.append(m)
+        return msgs
+
+    def _joined(self, i: int) -> list[dict[str, Any]] | None:
+        """Messages of example i as long-form ASR, or None when it stays as it is."""
+        import random
+
+        rec = self.records[i]
+        if self.concat_prob <= 0 or rec.get("task") != "asr" or len(self.asr) < 2:
+            return None
+        rng = random.Random(self.seed * 1_000_003 + i)
+        if rng.random() >= self.concat_prob:
+            return None
+        others = [j for j in rng.sample(self.asr, min(len(self.asr), self.concat_max)) if j != i]
+        parts = [self._messages(rec)] + [self._messages(self.records[j]) for j in others[: rng.randint(1, self.concat_max - 1)]]
+        audios = [next(m for m in p if m.get("message_type") == "audio") for p in parts]
+        answers = [next(m for m in p if m["role"] == "assistant")["content"] for p in parts]
+        if any(a.get("audio_tokens") is None for a in audios):
+            return None
+        joined = {"role": "user", "message_type": "audio", "content": None,
+                  "audio_tokens": [int(t) for a in audios for t in torch.as_tensor(a["audio_tokens"]).tolist()]}
+        if all(a.get("features") is not None for a in audios):
+            joined["features"] = torch.cat([torch.as_tensor(a["features"]) for a in audios])
+        out = []
+        for m in parts[0]:
+            if m.get("message_type") == "audio":
+                out.append(joined)
+            elif m["role"] == "assistant":
+                out.append({**m, "content": " ".join(a.strip() for a in answers)})
+            else:
+                out.append(m)
+        return out
+
+    def __getitem__(self, i: int) -> PromptBatch:
+        rec = self.records[i]
+        msgs = self._joined(i) or self._messages(rec)
         try:
-            pb = self.builder.build(msgs, output_type=output_type_of(rec.get("task_type")), add_assistant_start=False, speech_targets=True)
+            pb = self.builder.build(msgs, output_type=output_type_of(rec.get("task_type")), add_assistant_start=False,
+                                    speech_targets=True)
         except PromptError as e:
             raise PromptError(f"training record {i}: {e}") from e
         return truncate_prompt(pb, self.max_len) if self.max_len > 0 else pb

@@ -72,6 +72,8 @@ class LMDataSpec:
     whisper: str | None = None  # frozen Whisper encoder for features: "base", "tiny.en" or a path; None: none
     semantic_tokenizer: str | None = None  # frozen semantic tokenizer folder; None: manifests carry audio_tokens
     cache_dir: str | None = None  # cache computed ids/features here (None: compute on the fly)
+    concat_prob: float = 0.0  # long-form ASR: share of "asr" records joined with other ASR clips
+    concat_max: int = 3  # most clips in one joined example
 
 
 @dataclass
@@ -262,7 +264,8 @@ class LMRecipe(Recipe):
         audio = AudioCache(token_offset=c.kimia_token_offset, semantic=semantic, features=features,
                            cache_dir=d.cache_dir)
         return ManifestLMDataset(read_manifests(d.manifests), PromptBuilder(tok, specials), max_len=d.max_len,
-                                 audio=audio)
+                                 audio=audio, concat_prob=d.concat_prob, concat_max=d.concat_max,
+                                 seed=self.cfg.train.seed)
 
     def example_lengths(self) -> list[int]:
         ds = self.dataset()
