@@ -37,7 +37,7 @@ def run(tmp_path_factory):
 
 
 def test_every_stage_finished_with_a_marker(run):
-    work, seconds = run
+    work, _seconds = run  # wall time is a bench figure, never asserted (a loaded CI box varies 3x)
     for stage in STAGES:
         marker = json.loads((work / stage / MARKER).read_text())
         assert marker["stage"] == stage
@@ -53,7 +53,6 @@ def test_every_stage_finished_with_a_marker(run):
             if m["message_type"] in ("audio", "audio-text"):
                 ids = m["audio_tokens"]
                 assert ids and all(0 <= i - lm_cfg["kimia_token_offset"] < codebook for i in ids)
-    assert seconds < 170, f"the tiny pipeline took {seconds:.0f} s"
 
 
 def test_model_folder_answers_in_text_and_speech(run):
