@@ -352,3 +352,26 @@ def test_trainer_runs_multi_phase_recipes(tmp_path):
     assert all(not torch.equal(before[n], after[n]) for n in before)
     ids = {ph: {id(p) for g in o.param_groups for p in g["params"]} for ph, o in trainer.optimizers.items()}
     assert ids["disc"] == {id(p) for p in trainer.raw_model["disc"].parameters()} and not ids["disc"] & ids["gen"]
+
+
+def test_native_folder_with_tied_head_loads_tied_and_keeps_frozen_rows(tmp_path):
+    """A tied text head (SmolLM2) must stay one Parameter after a native save/load: otherwise training updates
+    an untied copy of the head while the saved folder keeps only the embedding (what a v0 run hit)."""
+    from kimia.checkpoints.native import load_native_lm, save_native_lm
+    from kimia.lm.config import AudioLMConfig
+    from kimia.lm.model import AudioLM
+
+    config = AudioLMConfig.from_name("tiny", tie_word_embeddings=True)
+    model = AudioLM(config, dtype=torch.float32)
+    model.init_weights(torch.Generator().manual_seed(0))
+    save_native_lm(model, tmp_path / "init")
+    loaded, _ = load_native_lm(tmp_path / "init", dtype=torch.float32)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    cfg = tiny_cfg(tmp_path, "train.steps=3", f"model.init={tmp_path / 'init'}", "freeze_embedding_rows_below=706")
+    trainer = Trainer(LMRecipe(cfg), cfg.train, cfg.optim, full_config=cfg)
+    m = trainer.raw_model
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    w0 = m.model.embed_tokens.weight.detach().clone()
+    trainer.fit()
+    w1 = trainer.raw_model.model.embed_tokens.weight.detach()
+    assert torch.equal(w0[:706], w1[:706]) and not torch.equal(w0[706:], w1[706:])

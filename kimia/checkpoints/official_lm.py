@@ -117,6 +117,8 @@ def load_official_lm(
     with torch.device("meta"):
         model = AudioLM(config, dtype=dtype)
     load_state_dict_strict(model, sd, source=f"LLM checkpoint {folder}", ignore=IGNORED_KEYS)
+    if config.tie_word_embeddings:  # assigning the loaded tensors replaced the shared Parameter by two copies
+        model.lm_head.weight = model.model.embed_tokens.weight
     model.init_buffers(device)
     model.eval()
     n = sum(p.numel() for p in model.parameters())
