@@ -57,6 +57,15 @@ def test_sparse_logits_equal_the_full_ones_at_the_loss_positions(tmp_path):
                     logits_where=(text_only.text_loss_mask, text_only.audio_loss_mask))
     assert out.audio_logits is None
     assert float(lm_loss(out, text_only)[1]) == 0.0
+    # data-parallel training runs the branch anyway (every rank must use every parameter): an exact zero loss
+    kept = model(text_only.audio_ids, text_only.text_ids, text_only.positions, continuous=text_only.continuous,
+                 continuous_mask=text_only.continuous_mask, skip_audio=False,
+                 logits_where=(text_only.text_loss_mask, text_only.audio_loss_mask))
+    assert kept.audio_logits.shape == (0, model.config.vocab_size)
+    la = lm_loss(kept, text_only)[1]
+    assert float(la) == 0.0
+    la.backward()
+    assert model.mimo_output.weight.grad is not None and not model.mimo_output.weight.grad.any()
     with pytest.raises(ConfigError, match="exclusive"):
         model(*args, **kw, logits_at=-1, logits_where=(b.text_loss_mask, b.audio_loss_mask))
 

@@ -174,7 +174,7 @@ class AudioLM(nn.Module):
         cache: KVCache | None = None,
         kv_len: int | None = None,
         logits_at: torch.Tensor | int | None = None,
-        skip_audio: bool = False,
+        skip_audio: bool | None = None,
         logits_where: tuple[torch.Tensor, torch.Tensor] | None = None,
         skip_text: bool = False,
     ) -> LMOutput:
@@ -199,7 +199,8 @@ class AudioLM(nn.Module):
             logits_where: (text_mask, audio_mask), both [B, L] bool: logits only where the mask is set, packed
                 in row-major order ([N_text, V], [N_audio, V]). Training uses it to skip the two vocabulary
                 projections at positions without loss (most of them); an all-False audio mask also skips the
-                audio branch. Exclusive with `logits_at`.
+                audio branch unless `skip_audio=False` is given (data parallel training, where every rank must
+                use every parameter). Exclusive with `logits_at`.
         Returns:
             LMOutput with audio_logits (None with skip_audio), text_logits [B, L or 1, V] in fp32.
         """
@@ -208,7 +209,9 @@ class AudioLM(nn.Module):
                 raise ConfigError("logits_at and logits_where are exclusive")
             if any(m.shape != audio_ids.shape or m.dtype != torch.bool for m in logits_where):
                 raise ConfigError(f"logits_where masks must be bool [B, L] = {tuple(audio_ids.shape)}")
-            skip_audio = skip_audio or not bool(logits_where[1].any())
+            if skip_audio is None:
+                skip_audio = not bool(logits_where[1].any())
+        skip_audio = bool(skip_audio)
         if audio_ids.dim() != 2 or positions.shape != audio_ids.shape:
             raise ConfigError(
                 f"audio_ids and positions must both be [B, L], got {tuple(audio_ids.shape)} and {tuple(positions.shape)}"

@@ -35,6 +35,9 @@ Optional: `phases` (ordered names, one optimizer each: a GAN uses ("disc", "gen"
 to route the discriminator's and generator's parameters; each phase runs its own backward passes and
 optimizer step on the same micro-batches, in order), `phase_parameters(model, phase)`,
 `fsdp_modules(model)` (blocks to shard before the root), `ddp_kwargs` (e.g. find_unused_parameters).
+Under DDP/FSDP the trainer sets `recipe.whole_graph = True` before the first step: every rank must then give
+every trainable parameter a gradient each step (a recipe that skips a branch when a micro-batch has no target
+for it must run it anyway, its loss contribution then being an exact zero).
 """
 
 from __future__ import annotations
@@ -212,6 +215,7 @@ class Recipe:
     phases: tuple[str, ...] = ("main",)
     ddp_kwargs: dict[str, Any] = {}
     no_decay: set[str] = set()  # parameter names never weight-decayed (besides 1-D ones)
+    whole_graph: bool = False  # set by the trainer under DDP/FSDP: no data-dependent branch skipping
 
     def build_model(self, device: torch.device) -> nn.Module:
         raise NotImplementedError
@@ -344,6 +348,7 @@ class Trainer:
         np.random.seed(cfg.seed)
         self.raw_model = recipe.build_model(self.env.device)
         self.parallel = self._parallel_mode()
+        recipe.whole_graph = self.parallel != "none"
         self.model = self._wrap(self.raw_model)
         self.optimizers = {ph: build_optimizer(recipe.phase_parameters(self.raw_model, ph), optim, recipe.no_decay)
                            for ph in recipe.phases}
@@ -426,6 +431,9 @@ class Trainer:
                 for name, v in out.metrics.items():
                     metrics[name] = metrics.get(name, 0.0) + float(v) / cfg.grad_accum
             params = [p for g in opt.param_groups for p in g["params"]]
+            for p in params:  # a branch a micro-batch skipped had zero gradient (what DDP/FSDP reduce it to):
+                if p.grad is None:  # its step (weight decay, moments) must not depend on the skipping
+                    p.grad = torch.zeros_like(p)
             if self.scaler:
                 self.scaler.unscale_(opt)
             gnorm = None

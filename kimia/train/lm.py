@@ -280,7 +280,8 @@ class LMRecipe(Recipe):
     def loss(self, model: nn.Module, batch: LMBatch, phase: str) -> LossOutput:
         out = model(batch.audio_ids, batch.text_ids, batch.positions, continuous=batch.continuous,
                     continuous_mask=batch.continuous_mask,
-                    logits_where=(batch.text_loss_mask, batch.audio_loss_mask) if self.cfg.sparse_logits else None)
+                    logits_where=(batch.text_loss_mask, batch.audio_loss_mask) if self.cfg.sparse_logits else None,
+                    skip_audio=False if self.whole_graph else None)
         total, la, lt = lm_loss(out, batch)
         return LossOutput(total, tokens=batch.tokens, metrics={"loss_audio": float(la.detach()), "loss_text": float(lt.detach())})
 
