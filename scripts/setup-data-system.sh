@@ -4,13 +4,16 @@
 # Speech engines: espeak-ng (+ mbrola voices, Debian non-free), pico (libttspico-utils, non-free), flite,
 # festival with its diphone and HTS voices. Sound sources: sound-theme-freedesktop, sound-icons.
 # Text sources: fortunes (fortune-mod data), word lists (wamerican, wbritish).
+# Real human speech, evaluation only (`kimia eval --build asterisk|pocketsphinx`, the pipeline's eval stage):
+# asterisk-core-sounds-en-g722 + asterisk-core-sounds-en (transcripts), pocketsphinx-testdata.
 # Debian ships mbrola and pico only in the non-free component: on Debian this script adds a
 # `kimia-nonfree.sources` file that copies the main stanza (same URIs, suites, Signed-By) with
 # `Components: contrib non-free`. Engines whose packages cannot be installed are skipped by the builder.
 set -euo pipefail
 
 MAIN_PKGS="espeak-ng sox libsox-fmt-all flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
- sound-theme-freedesktop sound-icons fortunes fortunes-min wamerican wbritish"
+ sound-theme-freedesktop sound-icons fortunes fortunes-min wamerican wbritish
+ asterisk-core-sounds-en-g722 asterisk-core-sounds-en pocketsphinx-testdata"
 NONFREE_PKGS="mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 libttspico-utils
  mbrola-de1 mbrola-de2 mbrola-de3 mbrola-de4 mbrola-de5 mbrola-de6 mbrola-gr2 mbrola-ro1 mbrola-nl2
  mbrola-fr1 mbrola-fr4 mbrola-hu1 mbrola-sw1 mbrola-sw2 mbrola-af1 mbrola-pl1"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from kimia.errors import CheckpointError, ConfigError
@@ -43,6 +44,10 @@ def test_every_stage_finished_with_a_marker(run):
         assert marker["stage"] == stage
     vq = json.loads((work / "vq" / MARKER).read_text())["info"]
     assert vq["steps"] == 4  # resumed at 2, trained to the configured 4
+    align = json.loads((work / "align" / MARKER).read_text())["info"]
+    assert align["steps"] == 4 and (work / "align" / "export" / "config.json").is_file()
+    lm_run = yaml.safe_load((work / "lm" / "config.yaml").read_text())
+    assert Path(lm_run["model"]["init"]) == work / "align" / "export"  # the LLM trains from the aligned folder
     tok = json.loads((work / "tokenize" / MARKER).read_text())["info"]["train"]
     assert tok["kept"] > 0
     # every conversation's audio carries the trained VQ's ids (LLM ids: codebook id + offset)

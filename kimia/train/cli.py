@@ -41,6 +41,8 @@ RECIPES: dict[str, RecipeEntry] = {
                 "the audio LLM (adaptor, trunk, audio branch; freeze / LoRA options)"),
     "vq": _lazy("kimia.train.vq", "VQTrainConfig", "train_vq",
                 "the semantic VQ tokenizer (ASR objective on the pretrained encoder)"),
+    "align": _lazy("kimia.train.align", "AlignTrainConfig", "train_align",
+                   "adaptor pre-alignment: CTC through the LLM's frozen text embedding (before `lm`)"),
     "dit": _lazy("kimia.train.dit", "DiTTrainConfig", "train_dit", "the flow-matching DiT detokenizer"),
     "vocoder": _lazy("kimia.train.vocoder", "VocoderTrainConfig", "train_vocoder",
                      "the BigVGAN vocoder (multi-resolution STFT + mel + adversarial losses)"),
@@ -56,7 +58,7 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
 RECIPES["pipeline"] = RecipeEntry(
     lambda: __import__("kimia.train.pipeline", fromlist=["PipelineConfig"]).PipelineConfig,
     lambda cfg, args: __import__("kimia.train.pipeline", fromlist=["run_from_args"]).run_from_args(cfg, args),
-    "every stage: corpus -> vq -> lm -> dit -> vocoder -> model folder -> eval (configs/pipeline/*.yaml)",
+    "every stage: corpus -> vq -> align -> lm -> dit -> vocoder -> model folder -> eval (configs/pipeline/*.yaml)",
     _pipeline_args)
 
 

@@ -12,7 +12,11 @@
   tokenize  the finetune conversations with every audio message's semantic ids from the trained VQ
             (`audio_tokens`), records whose prompt cannot be built (e.g. an answer longer than its audio
             allows) dropped and counted; optionally the Whisper features precomputed into the LM's cache
-  lm        `kimia train lm` on the tokenized conversations (masked CE on both streams)
+  align     `kimia train align`: the adaptor (and audio embedding rows) pre-aligned by CTC through the LLM's
+            frozen text embedding, on the corpus' transcribed speech (reuses tokenize's caches); skipped
+            when `align.config` is null
+  lm        `kimia train lm` on the tokenized conversations (masked CE on both streams), from the aligned
+            LLM folder when the align stage ran, else from lm_init's
   dit       `kimia train dit` on the spoken answers (one output voice) with the trained VQ's ids
   vocoder   `kimia train vocoder` on the spoken answers
   assemble  `kimia.train.assemble`: one `kimia.json` folder + model card under <work>/model
@@ -51,11 +55,12 @@ from kimia.train.config import apply_overrides, from_dict, load_config, to_dict
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("corpus", "whisper", "vq", "lm_init", "tokenize", "lm", "dit", "vocoder", "assemble", "eval")
-TRAIN_STAGES = ("vq", "lm", "dit", "vocoder")
+STAGES = ("corpus", "whisper", "vq", "lm_init", "tokenize", "align", "lm", "dit", "vocoder", "assemble", "eval")
+TRAIN_STAGES = ("vq", "align", "lm", "dit", "vocoder")
 MARKER = "DONE.json"
 DEPENDS = {"corpus": (), "whisper": (), "vq": ("corpus",), "lm_init": ("whisper", "vq"),
-           "tokenize": ("corpus", "whisper", "vq", "lm_init"), "lm": ("whisper", "lm_init", "tokenize"),
+           "tokenize": ("corpus", "whisper", "vq", "lm_init"),
+           "align": ("corpus", "whisper", "vq", "lm_init", "tokenize"), "lm": ("whisper", "lm_init", "tokenize", "align"),
            "dit": ("corpus", "vq"), "vocoder": ("corpus",), "assemble": ("whisper", "vq", "lm", "dit", "vocoder"),
            "eval": ("assemble",)}
 # eval task -> (corpus manifest task, kimia eval recipe, record filter); "real:<builder>" sets are built from
@@ -147,6 +152,7 @@ class PipelineConfig:
     vq: RecipeStage = field(default_factory=RecipeStage)
     lm_init: LMInitStage = field(default_factory=LMInitStage)
     tokenize: TokenizeStage = field(default_factory=TokenizeStage)
+    align: RecipeStage = field(default_factory=RecipeStage)  # config null: skipped (lm starts from lm_init)
     lm: RecipeStage = field(default_factory=RecipeStage)
     dit: RecipeStage = field(default_factory=RecipeStage)
     vocoder: RecipeStage = field(default_factory=RecipeStage)
@@ -373,8 +379,16 @@ class Pipeline:
         if stage == "vq":
             w += [f"data.manifests={j(self._manifests(['asr', 'spoken_qa', 'dialogue', 'style']))}",
                   "data.synthetic=0", "data.audio_key=audio_path", "data.text_key=text"]
+        elif stage == "align":
+            w += [f"init={j(str(self.dir('lm_init') / 'model'))}", "data.synthetic=0",
+                  f"data.manifests={j(self._manifests(['asr', 'spoken_qa', 'dialogue', 'style']))}",
+                  "data.audio_key=audio_path", "data.text_key=text", f"data.whisper={j(self.whisper_source())}",
+                  f"data.semantic_tokenizer={j(str(self.export('vq')))}",
+                  f"data.feature_cache={j(str(self.dir('tokenize') / 'features'))}",
+                  f"data.id_cache={j(str(self.dir('tokenize') / 'ids'))}"]
         elif stage == "lm":
-            w += [f"model.init={j(str(self.dir('lm_init') / 'model'))}", "model.overrides={}",
+            init = self.export("align") if self.cfg.align.config else self.dir("lm_init") / "model"
+            w += [f"model.init={j(str(init))}", "model.overrides={}",
                   f"data.manifests={j([str(self.dir('tokenize') / 'train.jsonl')])}", "data.synthetic=0",
                   f"data.whisper={j(self.whisper_source())}", "data.semantic_tokenizer=null",
                   f"data.cache_dir={j(str(self.dir('tokenize') / 'features'))}"]
@@ -412,6 +426,11 @@ class Pipeline:
 
     def _stage_vq(self) -> dict[str, Any] | None:
         return self._train("vq")
+
+    def _stage_align(self) -> dict[str, Any] | None:
+        if not self.cfg.align.config:
+            return {"skipped": "align.config is null: the lm stage starts from lm_init"}
+        return self._train("align")
 
     def _stage_lm(self) -> dict[str, Any] | None:
         return self._train("lm")
@@ -630,6 +649,8 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 def _recipe_config_cls(stage: str) -> type:
     if stage == "vq":
         from kimia.train.vq import VQTrainConfig as C
+    elif stage == "align":
+        from kimia.train.align import AlignTrainConfig as C
     elif stage == "lm":
         from kimia.train.lm import LMTrainConfig as C
     elif stage == "dit":
@@ -644,6 +665,8 @@ def _recipe_config_cls(stage: str) -> type:
 def _recipe_train_fn(stage: str):
     if stage == "vq":
         from kimia.train.vq import train_vq as f
+    elif stage == "align":
+        from kimia.train.align import train_align as f
     elif stage == "lm":
         from kimia.train.lm import train_lm as f
     elif stage == "dit":
