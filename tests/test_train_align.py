@@ -83,3 +83,16 @@ def test_align_needs_an_llm_folder_and_data(tmp_path):
     cfg = _cfg(tmp_path, "data.synthetic=0")
     with pytest.raises(ConfigError, match="nothing to train on"):
         AlignRecipe(cfg).dataset()
+
+
+def test_time_mask_hides_features_not_ids(tmp_path):
+    recipe = AlignRecipe(_cfg(tmp_path, "time_mask=0.5", "mask_span=2"))
+    items = [recipe.dataset()[i] for i in range(4)]
+    plain = AlignRecipe(_cfg(tmp_path / "b", "time_mask=0.0")).collate(items)
+    torch.manual_seed(1)
+    masked = recipe.collate(items)
+    assert torch.equal(masked.audio_ids, plain.audio_ids) and torch.equal(masked.targets, plain.targets)
+    hidden = (masked.features != plain.features).any(-1)
+    assert torch.all(masked.features[hidden] == 0)
+    for i, (f, _, _) in enumerate(items):  # about half of each clip's frames, none beyond its end
+        assert 0 < int(hidden[i].sum()) <= f.shape[0] and not hidden[i, f.shape[0]:].any()

@@ -57,6 +57,8 @@ class AlignDataSpec:
     feature_cache: str | None = None  # AudioCache folders (None: computed on every access)
     id_cache: str | None = None
     synthetic: int = 0  # > 0: this many random (features, ids, tokens) examples instead of manifests (tests)
+    eval_manifests: list[str] = field(default_factory=list)  # held-out speech: greedy CTC WER at export
+    eval_limit: int = 200
 
 
 @dataclass
@@ -66,6 +68,9 @@ class AlignTrainConfig:
     init: str = ""  # native LLM folder whose adaptor is aligned (the pipeline's lm_init output)
     data: AlignDataSpec = field(default_factory=AlignDataSpec)
     train_audio_rows: bool = True  # the VQ ids' embedding rows train too (the LLM adds them at audio positions)
+    time_mask: float = 0.0  # share of each clip's frames zeroed in spans of `mask_span` (SpecAugment-style)
+    mask_span: int = 2
+    feature_dropout: float = 0.0  # dropout on the Whisper features (training only)
     export_dir: str | None = None
 
 
@@ -86,8 +91,9 @@ class AlignModel(nn.Module):
     (not saved): the text rows E_text [V_text, H] and the blank row."""
 
     def __init__(self, config: AudioLMConfig, embedding: torch.Tensor, adaptor_state: dict[str, torch.Tensor],
-                 *, train_audio_rows: bool = True):
+                 *, train_audio_rows: bool = True, feature_dropout: float = 0.0):
         super().__init__()
+        self.feature_dropout = nn.Dropout(feature_dropout)
         c = config
         self.offset, self.n_text = c.kimia_token_offset, c.num_base_tokens
         self.adaptor = VQAdaptor(c)
@@ -102,7 +108,7 @@ class AlignModel(nn.Module):
 
     def inputs(self, features: torch.Tensor, audio_ids: torch.Tensor | None) -> torch.Tensor:
         """The LLM's input vectors at audio positions [B, T, H] (`AudioLM.embed` with a blank text stream)."""
-        w = self.adaptor(features)
+        w = self.adaptor(self.feature_dropout(features))
         e = self.audio_rows[(audio_ids - self.offset).clamp(min=0)] if audio_ids is not None else torch.zeros_like(w)
         return (e + w) * math.sqrt(2.0) + self.blank_row
 
@@ -195,7 +201,8 @@ class AlignRecipe(Recipe):
 
         lm, cfg = load_native_lm(self.init, device=torch.device("cpu"), dtype=torch.float32)
         emb = lm.model.embed_tokens.weight.detach()
-        model = AlignModel(cfg, emb, lm.model.vq_adaptor.state_dict(), train_audio_rows=self.cfg.train_audio_rows)
+        model = AlignModel(cfg, emb, lm.model.vq_adaptor.state_dict(), train_audio_rows=self.cfg.train_audio_rows,
+                           feature_dropout=self.cfg.feature_dropout)
         if self.cfg.data.synthetic > 0:
             blank = cfg.pad_token_id
         else:
@@ -240,6 +247,10 @@ class AlignRecipe(Recipe):
             feats[i, : f.shape[0]] = f
             if a is not None:
                 ids[i, : a.numel()] = a
+            n_spans = int(self.cfg.time_mask * f.shape[0] / max(1, self.cfg.mask_span))
+            if n_spans > 0:  # masked frames keep their VQ id: only the continuous features are hidden
+                for s in torch.randint(0, max(1, f.shape[0] - self.cfg.mask_span + 1), (n_spans,)).tolist():
+                    feats[i, s: s + self.cfg.mask_span] = 0
         targets = [t or [0] for _, _, t in items]
         return AlignBatch(feats, ids if items[0][1] is not None else None,
                           torch.tensor([f.shape[0] for f, _, _ in items]),
@@ -251,7 +262,33 @@ class AlignRecipe(Recipe):
         return LossOutput(loss, tokens=int(batch.frames.sum()),
                           metrics={"scale": float(getattr(model, "module", model).log_scale.detach().exp())})
 
+    def held_out_wer(self, model: AlignModel) -> dict[str, Any] | None:
+        """Greedy CTC WER of `model` on `data.eval_manifests` (first `eval_limit` records), or None."""
+        d = self.cfg.data
+        if not d.eval_manifests or d.synthetic > 0:
+            return None
+        from kimia.eval.metrics import corpus_wer
+
+        ds = self.dataset()
+        recs = read_audio_manifest(d.eval_manifests, [d.audio_key, d.text_key])[: d.eval_limit]
+        held = _ManifestAlign(recs, d.audio_key, d.text_key, self.tokenizer(), ds.features, ds.ids)
+        pairs = []
+        model.eval()
+        with torch.no_grad():
+            for i in range(len(held)):
+                f, a, _ = held[i]
+                hyp = self.tokenizer().decode(greedy_ctc(model.logits(f[None], None if a is None else a[None])[0]))
+                pairs.append((held.items[i][1], hyp))
+        st = corpus_wer(pairs)
+        return {"wer": round(100.0 * st.errors / max(1, st.ref_words), 2), "utterances": len(pairs),
+                "examples": [{"ref": r, "hyp": h} for r, h in pairs[:3]]}
+
     def export(self, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+        model = self.build_model(torch.device("cpu"))
+        model.load_state_dict(state_dict)
+        held = self.held_out_wer(model)
+        if held is not None:
+            logger.info("align: greedy CTC WER on %d held-out clips: %.2f%%", held["utterances"], held["wer"])
         lm, _ = load_native_lm(self.init, device=torch.device("cpu"), dtype=torch.float32)
         ad = {k[len("adaptor."):]: v for k, v in state_dict.items() if k.startswith("adaptor.")}
         lm.model.vq_adaptor.load_state_dict(ad)
@@ -262,7 +299,7 @@ class AlignRecipe(Recipe):
             if extra.name not in _NATIVE_FILES:
                 dst = folder / extra.name
                 shutil.copytree(extra, dst, dirs_exist_ok=True) if extra.is_dir() else shutil.copy2(extra, dst)
-        (folder / "align.json").write_text(json.dumps({"init": str(self.init.resolve()),
+        (folder / "align.json").write_text(json.dumps({"init": str(self.init.resolve()), "held_out": held,
                                                        "logit_scale": float(state_dict["log_scale"].exp())}) + "\n")
         logger.info("exported the aligned LLM folder to %s", folder)
 

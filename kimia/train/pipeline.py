@@ -385,7 +385,8 @@ class Pipeline:
                   "data.audio_key=audio_path", "data.text_key=text", f"data.whisper={j(self.whisper_source())}",
                   f"data.semantic_tokenizer={j(str(self.export('vq')))}",
                   f"data.feature_cache={j(str(self.dir('tokenize') / 'features'))}",
-                  f"data.id_cache={j(str(self.dir('tokenize') / 'ids'))}"]
+                  f"data.id_cache={j(str(self.dir('tokenize') / 'ids'))}",
+                  f"data.eval_manifests={j(self._manifests(['asr'], self.cfg.eval.split))}"]
         elif stage == "lm":
             init = self.export("align") if self.cfg.align.config else self.dir("lm_init") / "model"
             w += [f"model.init={j(str(init))}", "model.overrides={}",
@@ -430,7 +431,10 @@ class Pipeline:
     def _stage_align(self) -> dict[str, Any] | None:
         if not self.cfg.align.config:
             return {"skipped": "align.config is null: the lm stage starts from lm_init"}
-        return self._train("align")
+        info = self._train("align")
+        if info is not None and (self.export("align") / "align.json").is_file():
+            info["held_out"] = json.loads((self.export("align") / "align.json").read_text()).get("held_out")
+        return info
 
     def _stage_lm(self) -> dict[str, Any] | None:
         return self._train("lm")
