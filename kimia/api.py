@@ -190,12 +190,15 @@ class KimiAudio:
         name of a shipped model, or None: $KIMIA_MODEL, else kimia's own shipped model `kimia-small`.
     load_detokenizer: False skips the detokenizer and vocoder (text answers only; `both` returns wav None).
     device, dtype: default cuda > mps > cpu and bfloat16 on CUDA, float32 elsewhere.
+    quantize: "auto" (what the model folder recommends for the device: kimia-small runs its LLM in int8 on CPU;
+        official release folders run exact), "int8" (weight-only, `kimia.quantize`) or None (exact).
     budgets: length limits (`Budgets`). **paths: component overrides such as `semantic_tokenizer_path=`.
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, load_detokenizer: bool = True,
                  device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, *, budgets: Budgets | None = None, **paths: Any):
+                 dtype: str | torch.dtype | None = None, *, budgets: Budgets | None = None,
+                 quantize: str | None = "auto", **paths: Any):
         from kimia.audio import load_audio
         from kimia.engine import Engine
         from kimia.model_folder import load_model_folder
@@ -203,7 +206,7 @@ class KimiAudio:
 
         self.budgets = budgets or Budgets()
         self.parts = load_model_folder(resolve_model_path(model_path), load_detokenizer=load_detokenizer, device=device,
-                                       dtype=dtype, **paths)
+                                       dtype=dtype, quantize=quantize, **paths)
         p = self.parts
         self.device, self.dtype = p.device, p.dtype
         self.tokenizer, self.specials = p.tokenizer, p.specials

@@ -27,6 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="GLM-4-Voice tokenizer folder (default: glm-4-voice-tokenizer/ inside or beside the model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, else fp32)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8"],
+                   help="LLM weight quantization (auto: what the model folder recommends for the device)")
     p.add_argument("--seed", type=int, default=None, help="random seed (sampling and detokenizer noise)")
     p.add_argument("--max-new-tokens", type=int, default=-1, help="generation budget (-1: the context budget)")
 
@@ -35,7 +37,8 @@ def _load(args: argparse.Namespace, *, detokenizer: bool):
     from kimia.api import KimiAudio
 
     paths = {"semantic_tokenizer_path": args.semantic_tokenizer} if args.semantic_tokenizer else {}
-    return KimiAudio(args.model, load_detokenizer=detokenizer, device=args.device, dtype=args.dtype, **paths)
+    return KimiAudio(args.model, load_detokenizer=detokenizer, device=args.device, dtype=args.dtype,
+                     quantize=args.quantize, **paths)
 
 
 # ------------------------------------------------------------------------------------------ demo
@@ -54,7 +57,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     question = Path(args.audio) if args.audio else example_path(DEMO_QUESTION)
     wave = load_audio(question)
     t0 = time.perf_counter()
-    model = KimiAudio(args.model, device=args.device, dtype=args.dtype)
+    model = KimiAudio(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     t1 = time.perf_counter()
     print(f"model: {model.parts.paths.root}  (loaded in {t1 - t0:.1f} s on {model.parts.device})", file=sys.stderr)
     print(f"question: {question.name} ({wave.shape[0] / 16000:.2f} s)", file=sys.stderr)

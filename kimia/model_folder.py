@@ -92,6 +92,7 @@ class ModelPaths:
     vocoder: Path | None
     lm_delta: dict[str, Any] | None = None  # kimia.json LM entry {base, delta, config}: base rebuilt from a package
     stream: dict[str, Any] = field(default_factory=dict)  # kimia.json "stream": StreamConfig fields of this model
+    quantize: dict[str, str] = field(default_factory=dict)  # kimia.json "quantize": {device type: mode} ("auto")
 
 
 def _need(path: Path, what: str, expected: str) -> Path:
@@ -189,7 +190,11 @@ def resolve_model_folder(model_path: str | os.PathLike, *, load_detokenizer: boo
     stream = (doc.get("stream") or {}) if layout == "native" else {}
     if not isinstance(stream, dict):
         raise CheckpointError(f"{root / MANIFEST}: 'stream' must be an object of detokenizer StreamConfig fields")
-    return ModelPaths(root, layout, lm, tok, tok_root, whisper, semantic, detok, voc, lm_delta=delta, stream=stream)
+    quant = (doc.get("quantize") or {}) if layout == "native" else {}
+    if not isinstance(quant, dict) or any(not isinstance(v, str) for v in quant.values()):
+        raise CheckpointError(f"{root / MANIFEST}: 'quantize' must map device types to a mode, e.g. {{\"cpu\": \"int8\"}}")
+    return ModelPaths(root, layout, lm, tok, tok_root, whisper, semantic, detok, voc, lm_delta=delta, stream=stream,
+                      quantize=quant)
 
 
 def _delta_lm_folder(root: Path, entry: dict[str, Any], what: str) -> Path:
@@ -287,8 +292,12 @@ def check_dimensions(lm_config: Any, feature_extractor: Any, semantic: Any, deto
 
 def load_model_folder(model_path: str | os.PathLike, *, load_detokenizer: bool = True,
                       device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                      **paths: Any) -> LoadedModel:
+                      quantize: str | None = "auto", **paths: Any) -> LoadedModel:
     """Load every component of a model folder on one resolved device/dtype (see `resolve_model_folder`).
+
+    `quantize`: weight-only quantization of the LLM's linear layers (`kimia.quantize`): "int8", None/"none"
+    (exact), or "auto": what the folder's kimia.json "quantize" names for this device type (official release
+    folders name nothing, so they always run exact).
 
     The LLM, Whisper encoder and detokenizer run in `dtype`; the semantic tokenizer always in float32 (its
     nearest-code search is sensitive to rounding, and the reference runs it in float32).
@@ -325,7 +334,13 @@ def load_model_folder(model_path: str | os.PathLike, *, load_detokenizer: bool =
         dit = load_dit(p.detokenizer, device=dev, dtype=dt)
         detok = StreamingDetokenizer(dit, load_vocoder(p.vocoder, device=dev, dtype=dt), stream_cfg)
     check_dimensions(cfg, extractor, semantic, detok, p)
-    return LoadedModel(p, dev, dt, lm, cfg, tokenizer, specials, extractor, semantic, detok)
+    mode = p.quantize.get(dev.type) if quantize == "auto" else (None if quantize in (None, "none") else quantize)
+    if mode is not None:
+        from kimia.quantize import quantize_lm
+
+        quantize_lm(lm, mode)
+    return LoadedModel(p, dev, dt, lm, cfg, tokenizer, specials, extractor, semantic, detok,
+                       info={"quantize": mode})
 
 
 # ------------------------------------------------------------------------------------------ package references

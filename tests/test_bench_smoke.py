@@ -100,7 +100,8 @@ def test_shipped_quick_on_a_tiny_model_folder(tmp_path, capsys):
     from tests.tiny_model import write_tiny_model
 
     folder = write_tiny_model(tmp_path / "tiny")
-    shipped.main(["--quick", "--model", str(folder), "--max-new-tokens", "16"])
+    shipped.main(["--quick", "--model", str(folder), "--max-new-tokens", "16", "--quantize", "none", "int8"])
     out = capsys.readouterr().out
-    for name in ("first_audio", "reply", "rtf", "decode steps/s (both)", "decode steps/s (text)", "peak memory"):
+    for name in ("first_audio", "reply", "rtf", "steps/s (both)", "steps/s (text)", "peak memory", "none (exact)",
+                 "int8 (int8)", "int8 (int8) vs none (exact)"):
         assert name in out, out

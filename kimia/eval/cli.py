@@ -45,6 +45,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=60.0, help="skip longer audio (counted)")
     p.add_argument("--device", help="torch device for the model (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--dtype", help="model dtype (e.g. bfloat16)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8"],
+                   help="LLM weight quantization (auto: what the model folder recommends for the device)")
     p.add_argument("--max-new-tokens", type=int, help="override the recipe's max_new_tokens")
     p.add_argument("--force-reinfer", action="store_true", help="drop stored predictions and predict again")
     p.add_argument("--skip-eval", action="store_true", help="predict only, do not score")
@@ -83,7 +85,7 @@ def _load_predictor(args):
     if device is None:
         import torch
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    return KimiAudioPredictor(args.model, device=device, dtype=args.dtype)
+    return KimiAudioPredictor(args.model, device=device, dtype=args.dtype, quantize=args.quantize)
 
 
 def _recipe_for(args, dataset: str):

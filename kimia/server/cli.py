@@ -23,6 +23,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--model-name", default=None, help="the model id clients name (default kimi-audio)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: by device)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8"],
+                   help="LLM weight quantization (auto: what the model folder recommends for the device)")
     p.add_argument("--no-detokenizer", action="store_true", help="text answers only (skip the detokenizer)")
     p.add_argument("--batch-size", type=int, default=None, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=None, help="waiting requests before 429 (default 64)")
@@ -56,7 +58,7 @@ def run_serve_cli(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     app = create_app(args.model, settings, load_detokenizer=not args.no_detokenizer, device=args.device,
-                     dtype=args.dtype)
+                     dtype=args.dtype, quantize=args.quantize)
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines%s", settings.host,
                     "" if settings.api_key else " WITHOUT an API key")

@@ -126,7 +126,7 @@ def _param_count(folder: Path) -> int:
 
 def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardInfo | None = None, *,
                           check: bool = True, dtype: str | None = None,
-                          stream: dict[str, Any] | None = None) -> Path:
+                          stream: dict[str, Any] | None = None, quantize: dict[str, str] | None = None) -> Path:
     """Write a native model folder at `out` from the stage exports; returns it.
 
     The folder is built in `<out>.tmp` and renamed into place, so an interrupted assembly never leaves a
@@ -134,6 +134,7 @@ def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardI
     CPU) and a loader error aborts the assembly. `dtype` (e.g. "float16") stores every floating-point
     weight in that type (loaders cast to the compute dtype), halving the folder against fp32. `stream`:
     the detokenizer's streaming settings for this model (StreamConfig fields, e.g. a small first chunk).
+    `quantize`: the LLM quantization `KimiAudio(quantize="auto")` applies per device type (e.g. {"cpu": "int8"}).
     """
     from kimia.model_folder import packaged_whisper_reference, write_manifest
 
@@ -165,6 +166,13 @@ def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardI
                 cast_safetensors(tmp / sub, dtype, keep=("codebook",))
     files = _files(tmp)
     extra = {"stream": dict(stream)} if stream else {}
+    if quantize:
+        from kimia.quantize import MODES
+
+        bad = {k: v for k, v in quantize.items() if v not in MODES}
+        if bad:
+            raise ConfigError(f"assemble quantize: unknown mode(s) {bad}; expected one of {MODES}")
+        extra["quantize"] = dict(quantize)
     write_manifest(tmp, components, tok, name=card.name, files=files, **extra,
                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if check:

@@ -127,6 +127,7 @@ class AssembleStage:
     description: str = ""
     dtype: str | None = None  # store the weights in this dtype (e.g. float16); None: as trained (fp32)
     stream: dict[str, Any] = field(default_factory=dict)  # detokenizer StreamConfig fields written to kimia.json
+    quantize: dict[str, str] = field(default_factory=dict)  # LLM quantization per device type (e.g. cpu: int8)
 
 
 @dataclass
@@ -532,7 +533,7 @@ class Pipeline:
         card = CardInfo(name=self.cfg.assemble.name, description=self.cfg.assemble.description,
                         data=self._card_data(), compute=self._card_compute(), commands=self._card_commands())
         folder = assemble_model_folder(self.model_dir, parts, card, dtype=self.cfg.assemble.dtype,
-                                       stream=self.cfg.assemble.stream)
+                                       stream=self.cfg.assemble.stream, quantize=self.cfg.assemble.quantize)
         return {"folder": str(folder)}
 
     def _card_data(self) -> str:
