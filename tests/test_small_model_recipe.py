@@ -204,3 +204,21 @@ def test_long_form_asr_joins_clips_deterministically():
     assert torch.equal(plain[5].audio_ids, joined[5].audio_ids)  # non-ASR records stay as they are
     with pytest.raises(ConfigError, match="concat_max"):
         ManifestLMDataset(recs, PromptBuilder(tok, sp), concat_prob=0.5, concat_max=1)
+
+
+def test_text_qa_records_are_train_split_text_conversations():
+    from kimia.data import texts
+    from kimia.train.data import text_qa_records
+
+    recs = text_qa_records(300, seed=1, eval_fraction=0.3)
+    assert len(recs) == 300 and recs == text_qa_records(300, seed=1, eval_fraction=0.3)
+    kinds = set()
+    for r in recs:
+        conv = r["conversation"]
+        assert r["task_type"] == "understanding" and all(m["message_type"] == "text" for m in conv)
+        assert [m["role"] for m in conv] == ["user", "assistant"] * (len(conv) // 2)
+        assert texts.split_of(conv[0]["content"], 0.3) == "train"  # the corpus' held-out questions never appear
+        kinds.add(len(conv))
+    assert kinds == {2, 4}  # single questions and two-turn dialogues
+    # the held-out share is really filtered out (about 30% of the drawn questions)
+    assert text_qa_records(300, seed=1, eval_fraction=0.0) != recs

@@ -326,6 +326,39 @@ class SyntheticLMDataset:
 
 
 
+# ---------------------------------------------------------------- text-only conversations
+def text_qa_records(n: int, *, seed: int = 0, eval_fraction: float = 0.1, dialogue_share: float = 0.2
+                    ) -> list[dict[str, Any]]:
+    """`n` text-only conversations of the corpus' spoken-question kinds (`kimia.data.texts`: arithmetic,
+    counting, facts, instructions) and two-turn dialogues, in the finetune format ("understanding"), drawn
+    from `random.Random(f"text_qa:{seed}")`. Only questions of the train split (`texts.split_of` of the question,
+    of a dialogue's first turn, as the corpus splits them) are kept, so the corpus' held-out spoken questions
+    stay unseen in any form. Text is cheap to train on (no audio positions): the LLM learns the answers' logic
+    here and meets the same questions spoken in the corpus."""
+    import random
+
+    from kimia.data import texts
+
+    rng = random.Random(f"text_qa:{seed}")
+    out: list[dict[str, Any]] = []
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 50 * n + 100:
+            raise ConfigError(f"text_qa: only {len(out)} of {n} train-split questions found")
+        qa = texts.dialogue(rng) if rng.random() < dialogue_share else texts.spoken_question(rng)
+        if texts.split_of(qa.turns[0][0] if qa.turns else qa.question, eval_fraction) != "train":
+            continue
+        conv: list[dict[str, Any]] = []
+        for u, a in qa.turns:
+            conv += [{"role": "user", "message_type": "text", "content": u},
+                     {"role": "assistant", "message_type": "text", "content": a}]
+        conv += [{"role": "user", "message_type": "text", "content": qa.question},
+                 {"role": "assistant", "message_type": "text", "content": qa.answer}]
+        out.append({"task_type": "understanding", "task": "text_qa", "conversation": conv})
+    return out
+
+
 # ---------------------------------------------------------------- audio manifests (VQ, DiT, vocoder recipes)
 def _resolve_path(p: str, manifest: Path) -> str:
     """Absolute paths as they are; relative ones against the manifest's folder, else the corpus root
@@ -357,5 +390,5 @@ def read_audio_manifest(paths: Iterable[str | os.PathLike], keys: Sequence[str])
         raise ConfigError(f"no usable records (with {', '.join(keys)}) in {[str(p) for p in paths]}")
     return out
 
-__all__ = ["LMBatch", "collate_lm", "shift_left", "truncate_prompt", "AudioCache", "read_manifests", "read_audio_manifest",
+__all__ = ["text_qa_records", "LMBatch", "collate_lm", "shift_left", "truncate_prompt", "AudioCache", "read_manifests", "read_audio_manifest",
            "ManifestLMDataset", "SyntheticLMDataset", "IdTokenizer", "output_type_of"]

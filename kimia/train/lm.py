@@ -74,6 +74,8 @@ class LMDataSpec:
     cache_dir: str | None = None  # cache computed ids/features here (None: compute on the fly)
     concat_prob: float = 0.0  # long-form ASR: share of "asr" records joined with other ASR clips
     concat_max: int = 3  # most clips in one joined example
+    text_qa: int = 0  # + this many text-only conversations of the corpus' question kinds (train split only)
+    text_qa_eval_fraction: float = 0.1  # the corpus' eval_fraction (which questions are held out)
 
 
 @dataclass
@@ -242,7 +244,7 @@ class LMRecipe(Recipe):
     def _manifest_dataset(self):
         from kimia.prompt import PromptBuilder
         from kimia.tokens import SpecialTokens, load_tokenizer
-        from kimia.train.data import AudioCache, ManifestLMDataset, read_manifests
+        from kimia.train.data import AudioCache, ManifestLMDataset, read_manifests, text_qa_records
 
         d, c = self.cfg.data, self.lm_config
         if not d.manifests:
@@ -263,7 +265,10 @@ class LMRecipe(Recipe):
             features = load_continuous_extractor(d.whisper, device="cpu")
         audio = AudioCache(token_offset=c.kimia_token_offset, semantic=semantic, features=features,
                            cache_dir=d.cache_dir)
-        return ManifestLMDataset(read_manifests(d.manifests), PromptBuilder(tok, specials), max_len=d.max_len,
+        records = read_manifests(d.manifests)
+        if d.text_qa > 0:
+            records += text_qa_records(d.text_qa, seed=self.cfg.train.seed, eval_fraction=d.text_qa_eval_fraction)
+        return ManifestLMDataset(records, PromptBuilder(tok, specials), max_len=d.max_len,
                                  audio=audio, concat_prob=d.concat_prob, concat_max=d.concat_max,
                                  seed=self.cfg.train.seed)
 

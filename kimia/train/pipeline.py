@@ -393,6 +393,7 @@ class Pipeline:
             w += [f"model.init={j(str(init))}", "model.overrides={}",
                   f"data.manifests={j([str(self.dir('tokenize') / 'train.jsonl')])}", "data.synthetic=0",
                   f"data.whisper={j(self.whisper_source())}", "data.semantic_tokenizer=null",
+                  f"data.text_qa_eval_fraction={self.cfg.corpus.eval_fraction}",
                   f"data.cache_dir={j(str(self.dir('tokenize') / 'features'))}"]
         elif stage in ("dit", "vocoder"):
             w += [f"data.manifests={j(self._manifests(['spoken_qa', 'dialogue']))}", "data.synthetic=0",
