@@ -11,7 +11,7 @@ from kimia.checkpoints.native import load_native_lm, save_native_lm
 from kimia.errors import ConfigError
 from kimia.lm.config import AudioLMConfig
 from kimia.lm.model import AudioLM
-from kimia.train.align import AlignRecipe, AlignTrainConfig, greedy_ctc, train_align
+from kimia.train.align import AlignRecipe, AlignTrainConfig, train_align
 from kimia.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def test_align_learns_and_exports_only_adaptor_and_audio_rows(tmp_path):
     for i in range(16):
         f, ids, target = recipe.dataset()[i]
         with torch.no_grad():
-            hits += greedy_ctc(model.logits(f[None], ids[None])[0]) == target
+            hits += model.decode(model.logits(f[None], ids[None])[0]) == target
     assert hits >= 12, hits
     init, _ = load_native_lm(cfg.init)
     out, _ = load_native_lm(Path(cfg.train.out_dir) / "export")
@@ -96,3 +96,26 @@ def test_time_mask_hides_features_not_ids(tmp_path):
     assert torch.all(masked.features[hidden] == 0)
     for i, (f, _, _) in enumerate(items):  # about half of each clip's frames, none beyond its end
         assert 0 < int(hidden[i].sum()) <= f.shape[0] and not hidden[i, f.shape[0]:].any()
+
+
+def test_data_classes_give_the_full_vocabulary_loss_over_fewer_rows(tmp_path):
+    """With `classes: data` the CTC softmax runs over the transcripts' tokens only; the logits of those classes
+    equal the full-vocabulary ones, decoding maps back to text ids, and a token outside the set is refused."""
+    full = AlignRecipe(_cfg(tmp_path))
+    sub = AlignRecipe(_cfg(tmp_path / "b", "classes=data"))
+    mf, ms = full.build_model(torch.device("cpu")), sub.build_model(torch.device("cpu"))
+    used = sorted({t for i in range(len(sub.dataset())) for t in sub.dataset()[i][2]})
+    assert ms.class_ids.tolist() == used and len(used) < mf.class_ids.numel()
+    ms.load_state_dict(mf.state_dict())
+    f, ids, target = sub.dataset()[0]
+    with torch.no_grad():
+        lf, ls = mf.logits(f[None], ids[None])[0], ms.logits(f[None], ids[None])[0]
+    torch.testing.assert_close(ls[:, 0], lf[:, 0])
+    torch.testing.assert_close(ls[:, 1:], lf[:, 1 + torch.tensor(used)])
+    batch = sub.collate([sub.dataset()[i] for i in range(4)])
+    assert float(ms(batch)) > 0
+    batch.targets[0] = max(used) + 1
+    with pytest.raises(ConfigError, match="not among the CTC classes"):
+        ms(batch)
+    with pytest.raises(ConfigError, match="'all' or 'data'"):
+        AlignRecipe(_cfg(tmp_path / "c", "classes=some")).build_model(torch.device("cpu"))

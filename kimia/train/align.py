@@ -71,6 +71,7 @@ class AlignTrainConfig:
     time_mask: float = 0.0  # share of each clip's frames zeroed in spans of `mask_span` (SpecAugment-style)
     mask_span: int = 2
     feature_dropout: float = 0.0  # dropout on the Whisper features (training only)
+    classes: str = "all"  # CTC classes: "all" text rows, or "data": the tokens the training transcripts use
     export_dir: str | None = None
 
 
@@ -88,10 +89,13 @@ class AlignModel(nn.Module):
 
     Parameters: `adaptor` (the LLM's `model.vq_adaptor`), `audio_rows` ([V_audio, H], rows
     `token_offset ...` of the embedding; frozen unless `train_audio_rows`), `log_scale` (head only). Buffers
-    (not saved): the text rows E_text [V_text, H] and the blank row."""
+    (not saved): the text rows E_text [V_text, H], the blank row and, with `classes` (text ids, e.g. those
+    of the training transcripts: a softmax over a few thousand rows instead of the whole vocabulary), the
+    class ids and the text id -> class lookup."""
 
     def __init__(self, config: AudioLMConfig, embedding: torch.Tensor, adaptor_state: dict[str, torch.Tensor],
-                 *, train_audio_rows: bool = True, feature_dropout: float = 0.0):
+                 *, train_audio_rows: bool = True, feature_dropout: float = 0.0,
+                 classes: torch.Tensor | None = None):
         super().__init__()
         self.feature_dropout = nn.Dropout(feature_dropout)
         c = config
@@ -101,6 +105,13 @@ class AlignModel(nn.Module):
         self.audio_rows = nn.Parameter(embedding[self.offset:].detach().clone(), requires_grad=train_audio_rows)
         self.register_buffer("text_rows", embedding[: self.n_text].detach().clone(), persistent=False)
         self.register_buffer("blank_row", torch.zeros(c.hidden_size), persistent=False)
+        ids = torch.arange(self.n_text) if classes is None else torch.unique(classes.long())
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.n_text:
+            raise ConfigError(f"align classes must be text ids in [0, {self.n_text})")
+        lookup = torch.zeros(self.n_text, dtype=torch.long)
+        lookup[ids] = torch.arange(1, ids.numel() + 1)
+        self.register_buffer("class_ids", ids, persistent=False)
+        self.register_buffer("lookup", lookup, persistent=False)  # text id -> CTC class (0: not a class)
         self.log_scale = nn.Parameter(torch.tensor(math.log(2.0)))
 
     def set_blank(self, row: torch.Tensor) -> None:
@@ -113,19 +124,28 @@ class AlignModel(nn.Module):
         return (e + w) * math.sqrt(2.0) + self.blank_row
 
     def logits(self, features: torch.Tensor, audio_ids: torch.Tensor | None) -> torch.Tensor:
-        """[B, T, 1 + V_text]: class 0 is the CTC blank (the text-blank row), class 1 + i is text token i."""
+        """[B, T, 1 + K]: class 0 is the CTC blank (the text-blank row), class 1 + k is text id `class_ids[k]`."""
         x = self.inputs(features, audio_ids)
-        classes = torch.cat([self.blank_row[None], self.text_rows], dim=0)
+        rows = self.text_rows if self.class_ids.numel() == self.n_text else self.text_rows[self.class_ids]
+        classes = torch.cat([self.blank_row[None], rows], dim=0)
         return self.log_scale.exp() * (x @ classes.T)
+
+    def decode(self, logits: torch.Tensor, frames: int | None = None) -> list[int]:
+        """Text ids of one row's logits [T, 1 + K] by greedy CTC."""
+        return [int(self.class_ids[k]) for k in greedy_ctc(logits, frames)]
 
     def forward(self, batch: AlignBatch) -> torch.Tensor:
         lp = F.log_softmax(self.logits(batch.features, batch.audio_ids).float(), dim=-1)
-        return F.ctc_loss(lp.transpose(0, 1), batch.targets + 1, batch.frames, batch.target_lengths, blank=0,
+        targets = self.lookup[batch.targets]
+        if not bool((targets > 0).all()):
+            raise ConfigError("align: a transcript token is not among the CTC classes (classes: data is built "
+                              "from the training transcripts)")
+        return F.ctc_loss(lp.transpose(0, 1), targets, batch.frames, batch.target_lengths, blank=0,
                           reduction="mean", zero_infinity=True)
 
 
 def greedy_ctc(logits: torch.Tensor, frames: int | None = None) -> list[int]:
-    """Text token ids of one row's CTC logits [T, 1 + V] (repeats merged, blanks dropped)."""
+    """Class indices (0-based, blank excluded) of one row's CTC logits [T, 1 + K] (repeats merged, blanks dropped)."""
     ids = logits[:frames].argmax(-1).tolist()
     out, prev = [], None
     for i in ids:
@@ -201,8 +221,13 @@ class AlignRecipe(Recipe):
 
         lm, cfg = load_native_lm(self.init, device=torch.device("cpu"), dtype=torch.float32)
         emb = lm.model.embed_tokens.weight.detach()
+        if self.cfg.classes not in ("all", "data"):
+            raise ConfigError(f"align classes must be 'all' or 'data', got {self.cfg.classes!r}")
+        classes = None
+        if self.cfg.classes == "data":
+            classes = torch.tensor(sorted({t for t in self._transcript_ids() for t in t}), dtype=torch.long)
         model = AlignModel(cfg, emb, lm.model.vq_adaptor.state_dict(), train_audio_rows=self.cfg.train_audio_rows,
-                           feature_dropout=self.cfg.feature_dropout)
+                           feature_dropout=self.cfg.feature_dropout, classes=classes)
         if self.cfg.data.synthetic > 0:
             blank = cfg.pad_token_id
         else:
@@ -211,8 +236,14 @@ class AlignRecipe(Recipe):
         del lm
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info("align: %.2f M trainable parameters (adaptor%s), %d text classes + blank", n / 1e6,
-                    " + audio rows" if self.cfg.train_audio_rows else "", model.n_text)
+                    " + audio rows" if self.cfg.train_audio_rows else "", model.class_ids.numel())
         return model.to(device)
+
+    def _transcript_ids(self) -> list[list[int]]:
+        ds = self.dataset()
+        if isinstance(ds, _ManifestAlign):  # text only: no audio is read
+            return [list(self.tokenizer().encode(t)) for _, t in ds.items]
+        return [ds[i][2] for i in range(len(ds))]
 
     def dataset(self) -> Sequence:
         if self._dataset is None:
@@ -277,7 +308,7 @@ class AlignRecipe(Recipe):
         with torch.no_grad():
             for i in range(len(held)):
                 f, a, _ = held[i]
-                hyp = self.tokenizer().decode(greedy_ctc(model.logits(f[None], None if a is None else a[None])[0]))
+                hyp = self.tokenizer().decode(model.decode(model.logits(f[None], None if a is None else a[None])[0]))
                 pairs.append((held.items[i][1], hyp))
         st = corpus_wer(pairs)
         return {"wer": round(100.0 * st.errors / max(1, st.ref_words), 2), "utterances": len(pairs),
