@@ -93,6 +93,8 @@ class ModelPaths:
     lm_delta: dict[str, Any] | None = None  # kimia.json LM entry {base, delta, config}: base rebuilt from a package
     stream: dict[str, Any] = field(default_factory=dict)  # kimia.json "stream": StreamConfig fields of this model
     quantize: dict[str, str] = field(default_factory=dict)  # kimia.json "quantize": {device type: mode} ("auto")
+    semantic_base: Path | None = None  # packaged Whisper folder the semantic tokenizer's delta applies to
+    semantic_delta: Path | None = None  # its delta weights (kimia.json semantic_tokenizer {base, delta, config})
 
 
 def _need(path: Path, what: str, expected: str) -> Path:
@@ -159,6 +161,9 @@ def resolve_model_folder(model_path: str | os.PathLike, *, load_detokenizer: boo
                 return over[f"{name}_path"]
             if name == "lm" and isinstance(comp.get(name), dict) and "base" in comp[name]:
                 return _delta_lm_folder(root, comp[name], f"{root / MANIFEST} component 'lm'")
+            if name == "semantic_tokenizer" and isinstance(comp.get(name), dict) and "delta" in comp[name]:
+                return _need(root / str(comp[name].get("config")), "semantic tokenizer config",
+                             "the config.json named by kimia.json semantic_tokenizer 'config'").parent
             if isinstance(comp.get(name), dict):  # a frozen part referenced from an installed package
                 return resolve_packaged_reference(comp[name], f"{root / MANIFEST} component {name!r}")
             return root / comp[name] if comp.get(name) else None
@@ -190,11 +195,20 @@ def resolve_model_folder(model_path: str | os.PathLike, *, load_detokenizer: boo
     stream = (doc.get("stream") or {}) if layout == "native" else {}
     if not isinstance(stream, dict):
         raise CheckpointError(f"{root / MANIFEST}: 'stream' must be an object of detokenizer StreamConfig fields")
+    sem_base = sem_delta = None
+    if layout == "native" and "semantic_tokenizer_path" not in over and isinstance(comp.get("semantic_tokenizer"), dict) \
+            and "delta" in comp["semantic_tokenizer"]:
+        entry, what = comp["semantic_tokenizer"], f"{root / MANIFEST} component 'semantic_tokenizer'"
+        if not isinstance(entry.get("base"), dict):
+            raise CheckpointError(f"{what}: 'base' must be a packaged Whisper reference")
+        sem_base = resolve_packaged_reference(entry["base"], what)
+        sem_delta = _need(root / str(entry["delta"]), "semantic tokenizer delta weights",
+                          "the tensors that differ from the packaged Whisper, named by kimia.json 'delta'")
     quant = (doc.get("quantize") or {}) if layout == "native" else {}
     if not isinstance(quant, dict) or any(not isinstance(v, str) for v in quant.values()):
         raise CheckpointError(f"{root / MANIFEST}: 'quantize' must map device types to a mode, e.g. {{\"cpu\": \"int8\"}}")
     return ModelPaths(root, layout, lm, tok, tok_root, whisper, semantic, detok, voc, lm_delta=delta, stream=stream,
-                      quantize=quant)
+                      quantize=quant, semantic_base=sem_base, semantic_delta=sem_delta)
 
 
 def _delta_lm_folder(root: Path, entry: dict[str, Any], what: str) -> Path:
@@ -255,15 +269,35 @@ def load_whisper(folder: Path, device: torch.device, dtype: torch.dtype):
     return load_continuous_extractor(folder, device=device, dtype=dtype)
 
 
-def load_semantic(folder: Path, device: torch.device):
-    """Semantic tokenizer from a native folder (SemanticTokenizerConfig fields) or a glm-4-voice-tokenizer folder."""
+def load_semantic(folder: Path, device: torch.device, *, base: Path | None = None, delta: Path | None = None):
+    """Semantic tokenizer from a native folder (SemanticTokenizerConfig fields) or a glm-4-voice-tokenizer folder.
+
+    With `base` + `delta` (a folder whose frozen encoder layers come unchanged from a packaged Whisper): the
+    encoder's tensors are read from the Whisper at `base`, the ones in `delta` (the codebook, anything training
+    changed) replace them, and the result loads strictly as usual."""
+    from kimia.checkpoints.common import load_safetensors
     from kimia.encoders.semantic import SemanticTokenizer, SemanticTokenizerConfig, build_semantic_encoder, load_semantic_tokenizer
 
     cfg_path = folder / "config.json"
     cfg = _json(cfg_path)
-    if "quantize_vocab_size" in cfg and "n_heads" in cfg:  # native
-        from kimia.checkpoints.common import load_safetensors
+    native = "quantize_vocab_size" in cfg and "n_heads" in cfg
+    if delta is not None:
+        from kimia.encoders.semantic import SemanticEncoder
+        from kimia.encoders.whisper import load_whisper_encoder
 
+        try:
+            scfg = SemanticTokenizerConfig(**cfg) if native else SemanticTokenizerConfig.from_hf_config(cfg)
+        except (TypeError, KeyError) as e:
+            raise ConfigError(f"{cfg_path}: {e}") from None
+        with torch.device("meta"):
+            names = set(SemanticEncoder(scfg).state_dict())
+        whisper = load_whisper_encoder(base, device="cpu", dtype=torch.float32).state_dict()
+        sd = {k: v for k, v in whisper.items() if k in names}
+        sd.update({k: v.float() for k, v in load_safetensors(delta).items()})
+        enc = build_semantic_encoder(scfg, sd, f"semantic tokenizer delta {delta} over packaged Whisper {base}",
+                                     device, torch.float32)
+        return SemanticTokenizer(enc)
+    if native:
         try:
             scfg = SemanticTokenizerConfig(**cfg)
         except TypeError as e:
@@ -272,75 +306,6 @@ def load_semantic(folder: Path, device: torch.device):
         enc = build_semantic_encoder(scfg, load_safetensors(weights), f"semantic tokenizer checkpoint {weights}", device, torch.float32)
         return SemanticTokenizer(enc)
     return load_semantic_tokenizer(folder, device=device)
-
-
-def check_dimensions(lm_config: Any, feature_extractor: Any, semantic: Any, detokenizer: Any, paths: ModelPaths) -> None:
-    """Raise ConfigError when the components of one folder cannot work together."""
-    d4 = 4 * feature_extractor.encoder.cfg.d_model
-    if d4 != lm_config.kimia_adaptor_input_dim:
-        raise ConfigError(f"Whisper encoder {paths.whisper} has width {d4 // 4} (x4 = {d4}) but the LLM adaptor "
-                          f"expects kimia_adaptor_input_dim={lm_config.kimia_adaptor_input_dim}")
-    audio_vocab = lm_config.vocab_size - lm_config.kimia_token_offset
-    codebook = semantic.encoder.cfg.quantize_vocab_size
-    if codebook > audio_vocab:
-        raise ConfigError(f"semantic tokenizer {paths.semantic_tokenizer} has {codebook} codes but the LLM has only "
-                          f"{audio_vocab} audio ids (vocab_size {lm_config.vocab_size} - offset {lm_config.kimia_token_offset})")
-    if detokenizer is not None and detokenizer.dit.cfg.semantic_vocab_size < audio_vocab:
-        raise ConfigError(f"detokenizer {paths.detokenizer} embeds {detokenizer.dit.cfg.semantic_vocab_size} semantic "
-                          f"ids but the LLM can emit {audio_vocab}")
-
-
-def load_model_folder(model_path: str | os.PathLike, *, load_detokenizer: bool = True,
-                      device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                      quantize: str | None = "auto", **paths: Any) -> LoadedModel:
-    """Load every component of a model folder on one resolved device/dtype (see `resolve_model_folder`).
-
-    `quantize`: weight-only quantization of the LLM's linear layers (`kimia.quantize`): "int8", None/"none"
-    (exact), or "auto": what the folder's kimia.json "quantize" names for this device type (official release
-    folders name nothing, so they always run exact).
-
-    The LLM, Whisper encoder and detokenizer run in `dtype`; the semantic tokenizer always in float32 (its
-    nearest-code search is sensitive to rounding, and the reference runs it in float32).
-    """
-    from kimia.checkpoints.official_lm import load_official_lm
-    from kimia.tokens import SpecialTokens, load_tokenizer
-
-    p = resolve_model_folder(model_path, load_detokenizer=load_detokenizer, **paths)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dev, dtype)
-    log.info("loading %s model folder %s on %s (%s)", p.layout, p.root, dev, dt)
-    tokenizer = load_tokenizer(p.tokenizer, root=p.tokenizer_root)
-    if p.lm_delta is not None:
-        from kimia.checkpoints.smollm2 import load_delta_lm
-
-        lm, cfg = load_delta_lm(p.lm_delta, p.root, device=dev, dtype=dt, what=f"{p.root / MANIFEST} component 'lm'")
-    else:
-        lm, cfg = load_official_lm(p.lm, device=dev, dtype=dt)
-    specials = SpecialTokens.from_config(cfg.to_dict(), tokenizer)
-    extractor = load_whisper(p.whisper, dev, dt)
-    semantic = load_semantic(p.semantic_tokenizer, dev)
-    detok = None
-    if load_detokenizer:
-        from kimia.detokenizer.bigvgan import load_vocoder
-        from kimia.detokenizer.loader import load_dit
-        from kimia.detokenizer.stream import StreamingDetokenizer
-
-        from kimia.detokenizer.stream import StreamConfig
-
-        try:
-            stream_cfg = StreamConfig(**p.stream)
-        except TypeError as e:
-            raise CheckpointError(f"{p.root / MANIFEST}: bad 'stream' settings: {e}") from None
-        dit = load_dit(p.detokenizer, device=dev, dtype=dt)
-        detok = StreamingDetokenizer(dit, load_vocoder(p.vocoder, device=dev, dtype=dt), stream_cfg)
-    check_dimensions(cfg, extractor, semantic, detok, p)
-    mode = p.quantize.get(dev.type) if quantize == "auto" else (None if quantize in (None, "none") else quantize)
-    if mode is not None:
-        from kimia.quantize import quantize_lm
-
-        quantize_lm(lm, mode)
-    return LoadedModel(p, dev, dt, lm, cfg, tokenizer, specials, extractor, semantic, detok,
-                       info={"quantize": mode})
 
 
 # ------------------------------------------------------------------------------------------ package references

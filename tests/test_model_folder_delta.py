@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,3 +220,40 @@ def test_real_smollm2_delta_loads_to_the_same_logits(tmp_path):
     for a, b in zip(_logits(delta, cfg), _logits(full, full_cfg)):
         assert torch.equal(a, b)
     assert (root / MANIFEST).exists() is False
+
+
+def test_semantic_tokenizer_ships_as_a_delta_over_packaged_whisper(tmp_path):
+    """A VQ whose encoder layers stayed frozen from Whisper base stores only its codebook; loaded back over the
+    packaged Whisper it gives the same ids as the full export, and a tampered base is refused."""
+    import json as _json
+
+    from kimia.model_folder import load_semantic, resolve_packaged_reference
+    from kimia.train.assemble import write_semantic_delta
+    from kimia.train.config import load_config
+    from kimia.train.vq import VQRecipe, VQTrainConfig
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(VQTrainConfig, root / "configs" / "train" / "vq_small.yaml",
+                      [f"train.out_dir={tmp_path / 'vq'}", "model.freeze_encoder=true", "model.causal=false",
+                       "model.block_size=null", "model.codebook_size=64"])
+    recipe = VQRecipe(cfg)
+    model = recipe.build_model(torch.device("cpu"))
+    with torch.no_grad():
+        model.encoder.codebook.weight.normal_(generator=torch.Generator().manual_seed(0))
+    recipe.export({k: v.detach() for k, v in model.state_dict().items()}, tmp_path / "export")
+    entry = write_semantic_delta(tmp_path / "export", tmp_path / "folder", "base")
+    assert entry is not None and entry["delta_tensors"] == ["codebook.weight"]
+    assert entry["base"]["packaged_whisper"] == "base"
+    sem_dir = tmp_path / "folder" / "semantic_tokenizer"
+    assert not (sem_dir / "model.safetensors").exists() and (sem_dir / "config.json").is_file()
+    full = load_semantic(tmp_path / "export", torch.device("cpu"))
+    base = resolve_packaged_reference(entry["base"], "test")
+    delta = load_semantic(sem_dir, torch.device("cpu"), base=base, delta=tmp_path / "folder" / entry["delta"])
+    wave = torch.randn(16000 * 2, generator=torch.Generator().manual_seed(1)) * 0.1
+    assert torch.equal(torch.as_tensor(full(wave)), torch.as_tensor(delta(wave)))
+    bad = _json.loads(_json.dumps(entry["base"]))
+    bad["files"][0]["sha256"] = "0" * 64
+    with pytest.raises(CheckpointError, match="sha256"):
+        resolve_packaged_reference(bad, "test")
+    # a Whisper folder that is not a packaged name: nothing to reference, the export is copied as is
+    assert write_semantic_delta(tmp_path / "export", tmp_path / "other", str(tmp_path / "export")) is None

@@ -152,8 +152,10 @@ def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardI
     else:
         _copy_tree(Path(whisper), tmp / "whisper")
         components["whisper"] = "whisper"
-    _copy_tree(parts.semantic_tokenizer, tmp / "semantic_tokenizer")
-    components["semantic_tokenizer"] = "semantic_tokenizer"
+    sem = write_semantic_delta(parts.semantic_tokenizer, tmp, whisper) if isinstance(whisper, str) else None
+    if sem is None:
+        _copy_tree(parts.semantic_tokenizer, tmp / "semantic_tokenizer")
+    components["semantic_tokenizer"] = sem or "semantic_tokenizer"
     if (parts.detokenizer is None) != (parts.vocoder is None):
         raise ConfigError("give both the detokenizer (DiT) and the vocoder, or neither")
     if parts.detokenizer is not None:
@@ -214,7 +216,14 @@ def write_card(folder: Path, components: dict[str, Any], files: dict[str, dict[s
     lines = [f"# {card.name}", "", card.description or "A small Kimi-Audio model trained by kimia's own recipes.", "",
              "## Parts", "", "| part | folder / source | parameters |", "|---|---|---|"]
     for name, entry in components.items():
-        if isinstance(entry, dict) and "base" in entry:
+        if isinstance(entry, dict) and isinstance(entry.get("base"), dict) and "packaged_whisper" in entry["base"]:
+            b = entry["base"]
+            src = ", ".join(f"`{f['package']}=={f['version']}` {f['file']}" for f in b["files"])
+            lines.append(f"| {name} | `{Path(entry['config']).parent}/`: {', '.join(entry['delta_tensors'])} "
+                         f"(`{entry['delta']}`) over the frozen layers of packaged Whisper `{b['packaged_whisper']}` "
+                         f"({src}; verified at load) | {_param_count(folder / Path(entry['delta']).parent) / 1e6:.2f} "
+                         f"M stored |")
+        elif isinstance(entry, dict) and "base" in entry:
             b = entry["base"]
             lines.append(f"| {name} | `{Path(entry['config']).parent}/`: {len(entry['delta_tensors'])} tensors training "
                          f"changed (`{entry['delta']}`) over `{b['package']}=={b.get('version')}` {b['file']} (sha256 "
@@ -336,6 +345,39 @@ def write_lm_delta(lm: Path, root: Path, sub: str = "lm", dtype: str | None = No
                      "convert": convert},
             "delta": f"{sub}/delta.safetensors", "config": f"{sub}/config.json", "delta_tensors": sorted(delta),
             "rows_from": rows_from, **({"lora_scales": scales} if scales else {})}
+
+
+def write_semantic_delta(vq: Path, root: Path, whisper: str, sub: str = "semantic_tokenizer") -> dict[str, Any] | None:
+    """Copy the semantic tokenizer export `vq` into `root/sub` as a delta over the packaged Whisper `whisper`.
+
+    A VQ trained with a frozen Whisper-initialised encoder shares every encoder tensor with the packaged
+    Whisper bit for bit: only the tensors that differ (the codebook, anything that trained) go to
+    `<sub>/delta.safetensors`; the `kimia.json` entry `{base: <package reference>, delta, config}` names the
+    rest, verified by sha256 at load. Returns None (nothing shared: copy the folder) otherwise."""
+    from safetensors.torch import save_file
+
+    from kimia.checkpoints.common import load_safetensors
+    from kimia.encoders.whisper import PACKAGED_NAMES, load_whisper_encoder
+    from kimia.model_folder import packaged_whisper_reference
+
+    vq, dst = Path(vq), Path(root) / sub
+    if whisper not in PACKAGED_NAMES or Path(whisper).exists():
+        return None
+    full = load_safetensors(vq / "model.safetensors")
+    base = load_whisper_encoder(whisper, device="cpu", dtype=torch.float32).state_dict()
+    delta = {k: v.contiguous() for k, v in full.items()
+             if not (k in base and base[k].shape == v.shape and torch.equal(base[k].to(v.dtype), v))}
+    if len(delta) == len(full):
+        return None
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in vq.iterdir():
+        if item.name != "model.safetensors":
+            (shutil.copytree(item, dst / item.name, dirs_exist_ok=True) if item.is_dir() else shutil.copy2(item, dst / item.name))
+    save_file(delta, str(dst / "delta.safetensors"), metadata={"format": "pt", "kimia_component": "semantic-delta"})
+    logger.info("semantic tokenizer stored as a delta over packaged Whisper %r: %d of %d tensors", whisper,
+                len(delta), len(full))
+    return {"base": packaged_whisper_reference(whisper), "delta": f"{sub}/delta.safetensors",
+            "config": f"{sub}/config.json", "delta_tensors": sorted(delta)}
 
 
 def _lora_in_delta(lm: Path, base: dict, full: dict, delta: dict) -> dict[str, float]:
@@ -462,6 +504,7 @@ __all__ = [
     "CardInfo",
     "ModelParts",
     "assemble_model_folder",
+    "write_semantic_delta",
     "cast_safetensors",
     "folder_bytes",
     "folder_tokenizer",
