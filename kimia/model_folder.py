@@ -308,6 +308,75 @@ def load_semantic(folder: Path, device: torch.device, *, base: Path | None = Non
     return load_semantic_tokenizer(folder, device=device)
 
 
+def check_dimensions(lm_config: Any, feature_extractor: Any, semantic: Any, detokenizer: Any, paths: ModelPaths) -> None:
+    """Raise ConfigError when the components of one folder cannot work together."""
+    d4 = 4 * feature_extractor.encoder.cfg.d_model
+    if d4 != lm_config.kimia_adaptor_input_dim:
+        raise ConfigError(f"Whisper encoder {paths.whisper} has width {d4 // 4} (x4 = {d4}) but the LLM adaptor "
+                          f"expects kimia_adaptor_input_dim={lm_config.kimia_adaptor_input_dim}")
+    audio_vocab = lm_config.vocab_size - lm_config.kimia_token_offset
+    codebook = semantic.encoder.cfg.quantize_vocab_size
+    if codebook > audio_vocab:
+        raise ConfigError(f"semantic tokenizer {paths.semantic_tokenizer} has {codebook} codes but the LLM has only "
+                          f"{audio_vocab} audio ids (vocab_size {lm_config.vocab_size} - offset {lm_config.kimia_token_offset})")
+    if detokenizer is not None and detokenizer.dit.cfg.semantic_vocab_size < audio_vocab:
+        raise ConfigError(f"detokenizer {paths.detokenizer} embeds {detokenizer.dit.cfg.semantic_vocab_size} semantic "
+                          f"ids but the LLM can emit {audio_vocab}")
+
+
+def load_model_folder(model_path: str | os.PathLike, *, load_detokenizer: bool = True,
+                      device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                      quantize: str | None = "auto", **paths: Any) -> LoadedModel:
+    """Load every component of a model folder on one resolved device/dtype (see `resolve_model_folder`).
+
+    `quantize`: weight-only quantization of the LLM's linear layers (`kimia.quantize`): "int8", None/"none"
+    (exact), or "auto": what the folder's kimia.json "quantize" names for this device type (official release
+    folders name nothing, so they always run exact).
+
+    The LLM, Whisper encoder and detokenizer run in `dtype`; the semantic tokenizer always in float32 (its
+    nearest-code search is sensitive to rounding, and the reference runs it in float32).
+    """
+    from kimia.checkpoints.official_lm import load_official_lm
+    from kimia.tokens import SpecialTokens, load_tokenizer
+
+    p = resolve_model_folder(model_path, load_detokenizer=load_detokenizer, **paths)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dev, dtype)
+    log.info("loading %s model folder %s on %s (%s)", p.layout, p.root, dev, dt)
+    tokenizer = load_tokenizer(p.tokenizer, root=p.tokenizer_root)
+    if p.lm_delta is not None:
+        from kimia.checkpoints.smollm2 import load_delta_lm
+
+        lm, cfg = load_delta_lm(p.lm_delta, p.root, device=dev, dtype=dt, what=f"{p.root / MANIFEST} component 'lm'")
+    else:
+        lm, cfg = load_official_lm(p.lm, device=dev, dtype=dt)
+    specials = SpecialTokens.from_config(cfg.to_dict(), tokenizer)
+    extractor = load_whisper(p.whisper, dev, dt)
+    semantic = load_semantic(p.semantic_tokenizer, dev, base=p.semantic_base, delta=p.semantic_delta)
+    detok = None
+    if load_detokenizer:
+        from kimia.detokenizer.bigvgan import load_vocoder
+        from kimia.detokenizer.loader import load_dit
+        from kimia.detokenizer.stream import StreamingDetokenizer
+
+        from kimia.detokenizer.stream import StreamConfig
+
+        try:
+            stream_cfg = StreamConfig(**p.stream)
+        except TypeError as e:
+            raise CheckpointError(f"{p.root / MANIFEST}: bad 'stream' settings: {e}") from None
+        dit = load_dit(p.detokenizer, device=dev, dtype=dt)
+        detok = StreamingDetokenizer(dit, load_vocoder(p.vocoder, device=dev, dtype=dt), stream_cfg)
+    check_dimensions(cfg, extractor, semantic, detok, p)
+    mode = p.quantize.get(dev.type) if quantize == "auto" else (None if quantize in (None, "none") else quantize)
+    if mode is not None:
+        from kimia.quantize import quantize_lm
+
+        quantize_lm(lm, mode)
+    return LoadedModel(p, dev, dt, lm, cfg, tokenizer, specials, extractor, semantic, detok,
+                       info={"quantize": mode})
+
+
 # ------------------------------------------------------------------------------------------ package references
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
 
