@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,39 @@ EVAL_RECIPES = {k: v[1] for k, v in EVAL_TASKS.items()}
 # the shipped model's floors (issue 6) shown beside each figure of the model card: (lower is better, bound)
 EVAL_FLOORS: dict[str, tuple[bool, float]] = {"asterisk": (True, 25.0), "asr": (True, 10.0), "spoken_qa": (False, 90.0),
                                               "sound": (False, 90.0), "speech": (True, 20.0)}
+
+
+
+
+def headline(value: Any) -> Any:
+    """The one figure of an eval result that the floors speak of (WER, accuracy or score), else the value."""
+    if isinstance(value, dict):
+        for k in ("wer", "accuracy", "score"):
+            if isinstance(value.get(k), (int, float)):
+                return value[k]
+    return value
+
+
+def eval_table(info: dict[str, Any]) -> str:
+    """The model card's Evaluation section: one row per task with its floor, then the demo line."""
+    body = ["| task | recipe | metric | value | items | floor | details |", "|---|---|---|---|---|---|---|"]
+    for task, r in info.items():
+        if task == "demo":
+            continue
+        value, floor = headline(r["value"]), ""
+        if task in EVAL_FLOORS and isinstance(value, (int, float)):
+            low, bound = EVAL_FLOORS[task]
+            ok = value <= bound if low else value >= bound
+            floor = f"{'<=' if low else '>='} {bound:g}: {'met' if ok else 'not met'}"
+        details = ", ".join(f"{k} {v}" for k, v in r["value"].items()) if isinstance(r["value"], dict) else ""
+        body.append(f"| {task} | {r['recipe']} | {r['metric']} | {value} | {r['items']} | {floor} | {details} |")
+    if "demo" in info:
+        d = info["demo"]
+        body.append(f"\nDemo question `{d['question']}`: text answer {d['text']!r}, {d['audio_seconds']:.2f} s "
+                    f"of speech in {d['seconds']:.2f} s (first audio after {d['first_audio_s']} s; measured "
+                    "while this pipeline's own stages may still load the CPU: `python -m bench.shipped` for "
+                    "idle figures).")
+    return "\n".join(body)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -577,6 +611,9 @@ class Pipeline:
         from kimia.train.assemble import update_card_section
 
         e, out = self.cfg.eval, self.dir("eval")
+        # predictions cached by an earlier run belong to the folder as it was then (the stage reruns only when
+        # the model was reassembled or the eval settings changed): score the current one afresh
+        shutil.rmtree(out / "runs", ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         info: dict[str, Any] = {}
         if e.demo:
@@ -591,22 +628,8 @@ class Pipeline:
             info[task] = run_quick_eval(self.model_dir, str(local), EVAL_RECIPES[task], out / "runs", limit,
                                         e.max_new_tokens)
         (out / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
-        body = ["| task | recipe | metric | value | items | floor |", "|---|---|---|---|---|---|"]
-        for task, r in info.items():
-            if task != "demo":
-                floor = ""
-                if task in EVAL_FLOORS and isinstance(r["value"], (int, float)):
-                    low, bound = EVAL_FLOORS[task]
-                    ok = r["value"] <= bound if low else r["value"] >= bound
-                    floor = f"{'<=' if low else '>='} {bound:g}: {'met' if ok else 'not met'}"
-                body.append(f"| {task} | {r['recipe']} | {r['metric']} | {r['value']} | {r['items']} | {floor} |")
-        if "demo" in info:
-            d = info["demo"]
-            body.append(f"\nDemo question `{d['question']}`: text answer {d['text']!r}, {d['audio_seconds']:.2f} s "
-                        f"of speech in {d['seconds']:.2f} s (first audio after {d['first_audio_s']} s; measured "
-                        "while this pipeline's own stages may still load the CPU: `python -m bench.shipped` for "
-                        "idle figures).")
-        update_card_section(self.model_dir, "Evaluation", "\n".join(body))
+        body = eval_table(info)
+        update_card_section(self.model_dir, "Evaluation", body)
         return info
 
     def _eval_manifest(self, task: str, out: Path) -> Path | None:
