@@ -281,31 +281,26 @@ def load_semantic(folder: Path, device: torch.device, *, base: Path | None = Non
     cfg_path = folder / "config.json"
     cfg = _json(cfg_path)
     native = "quantize_vocab_size" in cfg and "n_heads" in cfg
-    if delta is not None:
+    if not native and delta is None:
+        return load_semantic_tokenizer(folder, device=device)
+    try:
+        scfg = SemanticTokenizerConfig(**cfg) if native else SemanticTokenizerConfig.from_hf_config(cfg)
+    except (TypeError, KeyError) as e:
+        raise ConfigError(f"{cfg_path}: {e}") from None
+    if delta is None:
+        weights = _need(folder / "model.safetensors", "semantic tokenizer weights", "model.safetensors beside config.json")
+        sd, what = load_safetensors(weights), f"semantic tokenizer checkpoint {weights}"
+    else:
         from kimia.encoders.semantic import SemanticEncoder
         from kimia.encoders.whisper import load_whisper_encoder
 
-        try:
-            scfg = SemanticTokenizerConfig(**cfg) if native else SemanticTokenizerConfig.from_hf_config(cfg)
-        except (TypeError, KeyError) as e:
-            raise ConfigError(f"{cfg_path}: {e}") from None
         with torch.device("meta"):
             names = set(SemanticEncoder(scfg).state_dict())
         whisper = load_whisper_encoder(base, device="cpu", dtype=torch.float32).state_dict()
         sd = {k: v for k, v in whisper.items() if k in names}
         sd.update({k: v.float() for k, v in load_safetensors(delta).items()})
-        enc = build_semantic_encoder(scfg, sd, f"semantic tokenizer delta {delta} over packaged Whisper {base}",
-                                     device, torch.float32)
-        return SemanticTokenizer(enc)
-    if native:
-        try:
-            scfg = SemanticTokenizerConfig(**cfg)
-        except TypeError as e:
-            raise ConfigError(f"{cfg_path}: {e}") from None
-        weights = _need(folder / "model.safetensors", "semantic tokenizer weights", "model.safetensors beside config.json")
-        enc = build_semantic_encoder(scfg, load_safetensors(weights), f"semantic tokenizer checkpoint {weights}", device, torch.float32)
-        return SemanticTokenizer(enc)
-    return load_semantic_tokenizer(folder, device=device)
+        what = f"semantic tokenizer delta {delta} over packaged Whisper {base}"
+    return SemanticTokenizer(build_semantic_encoder(scfg, sd, what, device, torch.float32))
 
 
 def check_dimensions(lm_config: Any, feature_extractor: Any, semantic: Any, detokenizer: Any, paths: ModelPaths) -> None:

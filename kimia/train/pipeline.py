@@ -42,7 +42,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +79,6 @@ EVAL_RECIPES = {k: v[1] for k, v in EVAL_TASKS.items()}
 # the shipped model's floors (issue 6) shown beside each figure of the model card: (lower is better, bound)
 EVAL_FLOORS: dict[str, tuple[bool, float]] = {"asterisk": (True, 25.0), "asr": (True, 10.0), "spoken_qa": (False, 90.0),
                                               "sound": (False, 90.0), "speech": (True, 20.0)}
-
-
 
 
 def headline(value: Any) -> Any:
@@ -611,9 +608,6 @@ class Pipeline:
         from kimia.train.assemble import update_card_section
 
         e, out = self.cfg.eval, self.dir("eval")
-        # predictions cached by an earlier run belong to the folder as it was then (the stage reruns only when
-        # the model was reassembled or the eval settings changed): score the current one afresh
-        shutil.rmtree(out / "runs", ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         info: dict[str, Any] = {}
         if e.demo:
@@ -628,8 +622,7 @@ class Pipeline:
             info[task] = run_quick_eval(self.model_dir, str(local), EVAL_RECIPES[task], out / "runs", limit,
                                         e.max_new_tokens)
         (out / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
-        body = eval_table(info)
-        update_card_section(self.model_dir, "Evaluation", body)
+        update_card_section(self.model_dir, "Evaluation", eval_table(info))
         return info
 
     def _eval_manifest(self, task: str, out: Path) -> Path | None:
@@ -723,13 +716,16 @@ def _recipe_train_fn(stage: str):
 
 def run_quick_eval(model_dir: Path, manifest: str, recipe: str, work: Path, limit: int, max_new_tokens: int
                    ) -> dict[str, Any]:
-    """`kimia eval` on one manifest (first `limit` items); returns {recipe, metric, value, items, run_dir}."""
+    """`kimia eval` on one manifest (first `limit` items); returns {recipe, metric, value, items, run_dir}.
+
+    Predictions are always made afresh: the eval stage reruns only when the model was reassembled (or its
+    settings changed), and predictions stored by an earlier run belong to the folder as it was then."""
     from kimia.eval.cli import main as eval_main
 
     name = Path(manifest).stem
     args = ["--model", str(model_dir), "--data", manifest, "--recipe", recipe, "--work-dir", str(work),
             "--limit", str(limit), "--max-new-tokens", str(max_new_tokens), "--no-plots", "--no-progress",
-            "--device", "cpu"]
+            "--device", "cpu", "--force-reinfer"]
     rc = eval_main(args)
     if rc != 0:
         raise KimiaError(f"kimia eval {' '.join(args)} failed with exit code {rc}")
