@@ -14,7 +14,7 @@ import soundfile as sf
 from kimia.eval.datasets import load_manifest
 from kimia.eval.recipes import load_recipe
 from kimia.eval.report import score_run
-from kimia.eval.runner import KimiAudioPredictor, finished_predictions, run_dataset
+from kimia.eval.runner import KimiAudioPredictor, finished_predictions, folder_fingerprint, run_dataset
 from tests.tiny_model import write_tiny_model
 
 
@@ -29,6 +29,7 @@ class Counting:
 
     def __init__(self, inner, stop_after_batches=None):
         self.inner, self.stop, self.batches, self.items = inner, stop_after_batches, 0, []
+        self.fingerprint = inner.fingerprint  # the run folder remembers the model that made its predictions
 
     def predict_batch(self, items, recipe):
         if self.stop is not None and self.batches >= self.stop:
@@ -57,6 +58,8 @@ def test_tiny_model_run_resume_and_reports(predictor, tmp_path):
     second = Counting(predictor)
     res = run_dataset(man, second, recipe, run, batch_size=2, progress=False)
     assert second.items == ["2"] and res.reused == 2 and res.merged
+    stored = json.loads((run / "model.json").read_text())["fingerprint"]
+    assert stored == folder_fingerprint(predictor._path) == predictor.fingerprint
 
     merged = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert [r["index"] for r in merged] == [0, 1, 2]

@@ -307,3 +307,54 @@ def test_cli_run_reeval_and_list(tmp_path, monkeypatch, capsys):
     assert eval_main(["--list"]) == 0
     assert "asr" in capsys.readouterr().out
     assert eval_main(["--data", str(tmp_path / "nope.jsonl"), "--model", "x"]) == 2
+
+
+def test_resume_refuses_predictions_of_another_model(tmp_path):
+    """A run folder remembers which model made its predictions: a model folder rebuilt in place (new
+    fingerprint) is not mixed into them, unless --force-reinfer starts over."""
+    m, script = _asr_manifest(tmp_path)
+    man = load_manifest(m)
+    first = ScriptedPredictor(script, stop_after_items=5)
+    first.fingerprint = "model-a"
+    with pytest.raises(KeyboardInterrupt):
+        run_dataset(man, first, load_recipe("asr"), tmp_path / "run", batch_size=2, progress=False)
+    other = ScriptedPredictor(script)
+    other.fingerprint = "model-b"
+    with pytest.raises(ConfigError, match="another model"):
+        run_dataset(man, other, load_recipe("asr"), tmp_path / "run", batch_size=2, progress=False)
+    assert other.items == []
+    same = ScriptedPredictor(script)
+    same.fingerprint = "model-a"
+    assert run_dataset(man, same, load_recipe("asr"), tmp_path / "run", batch_size=2, progress=False).reused == 4
+    res = run_dataset(man, other, load_recipe("asr"), tmp_path / "run", batch_size=2, progress=False, force=True)
+    assert res.reused == 0 and other.items == [f"u{i}" for i in range(8)]
+    with pytest.raises(ConfigError, match="another model"):  # the folder now belongs to model-b
+        run_dataset(man, same, load_recipe("asr"), tmp_path / "run", progress=False)
+
+
+def test_folder_fingerprint_follows_content_not_mtimes(tmp_path):
+    import shutil
+
+    from kimia.eval.runner import folder_fingerprint
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "model"
+    (src / "lm").mkdir(parents=True)
+    (src / "kimia.json").write_text('{"format": "kimia-model"}')
+    big = rng.integers(0, 255, 9 << 20, dtype=np.uint8)  # above the whole-file limit: sampled
+    (src / "lm" / "weights.bin").write_bytes(big.tobytes())
+    fp = folder_fingerprint(src)
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)  # new mtimes, same content
+    os.utime(copy / "kimia.json", (1, 1))
+    assert folder_fingerprint(copy) == fp
+    (copy / "kimia.json").write_text('{"format": "kimia-modeL"}')  # same size, one byte differs
+    assert folder_fingerprint(copy) != fp
+    shutil.rmtree(copy)
+    shutil.copytree(src, copy)
+    retrained = rng.integers(0, 255, big.size, dtype=np.uint8)  # same size, every weight rewritten
+    (copy / "lm" / "weights.bin").write_bytes(retrained.tobytes())
+    assert folder_fingerprint(copy) != fp
+    (copy / "lm" / "weights.bin").write_bytes(big.tobytes())
+    (copy / "extra.json").write_text("{}")  # a file added
+    assert folder_fingerprint(copy) != fp

@@ -5,6 +5,8 @@ with any engine; `KimiAudioPredictor` wraps `kimia.api.KimiAudio` (imported lazi
 
 Layout of a run, `<work_dir>/<model>/<dataset>/`:
 - `recipe.yaml`                      the recipe the predictions were made with (checked on resume)
+- `model.json`                       the fingerprint of the model folder that made them (checked on resume,
+                                     when the predictor has one: a folder rebuilt in place is not mixed in)
 - `shard_<rank>_of_<world>.jsonl`    predictions of one process, appended and flushed after every batch
 - `shard_<rank>_of_<world>.done`     written when that process finished its share
 - `predictions.jsonl`                merged: the original records + `prediction`, `real_prompt`, `duration`
@@ -18,6 +20,7 @@ the shards and scores.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -33,7 +36,31 @@ from kimia.eval.recipes import Recipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Predictor", "KimiAudioPredictor", "RunResult", "dist_env", "run_dataset", "merge_shards"]
+__all__ = ["Predictor", "KimiAudioPredictor", "RunResult", "dist_env", "run_dataset", "merge_shards",
+           "folder_fingerprint"]
+
+_WHOLE_FILE = 4 << 20  # files up to this size are hashed whole
+_SAMPLE = 1 << 20      # bigger ones by three samples of this size (start, middle, end) and their size
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """A content fingerprint of a model folder that costs milliseconds even for a 7B release: every file's
+    relative path and size, small files (configs, deltas) whole, big weight files by three samples.
+    Retraining rewrites every weight, so a rebuilt folder gets a new fingerprint; copying or touching a
+    folder (new mtimes) keeps it."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
+        with path.open("rb") as fh:
+            if size <= _WHOLE_FILE:
+                h.update(fh.read())
+            else:
+                for offset in (0, size // 2, size - _SAMPLE):
+                    fh.seek(offset)
+                    h.update(fh.read(_SAMPLE))
+    return h.hexdigest()[:16]
 
 
 @runtime_checkable
@@ -46,6 +73,9 @@ class Predictor(Protocol):
 class KimiAudioPredictor:
     """`Predictor` over `kimia.api.KimiAudio`: the recipe's messages, output type and sampling, text out.
 
+    `fingerprint` is the model folder's (`folder_fingerprint`): the runner stores it beside the predictions
+    and refuses to resume a run folder whose predictions another model made.
+
     `generate_batch` is used for batches when the model offers it, else `generate` item by item. The model
     loads without its detokenizer until a recipe asks for spoken answers (`output_type: both`, scored by
     `kimia.eval.speech`); their audio goes to `<run_dir>/audio/` (the runner calls `set_run_dir`).
@@ -57,6 +87,9 @@ class KimiAudioPredictor:
         self.run_dir: Path | None = None
         self.name = Path(model_path).name if model_path else "kimia-small"
         self._get(False)
+        from kimia.api import resolve_model_path
+
+        self.fingerprint = folder_fingerprint(resolve_model_path(model_path))
 
     def _get(self, detokenizer: bool):
         if self._model is not None and (self._with_detokenizer or not detokenizer):
@@ -146,6 +179,23 @@ def _check_recipe(run_dir: Path, recipe: Recipe, force: bool) -> None:
     _atomic_write(stored, recipe.to_yaml())
 
 
+def _check_model(run_dir: Path, fingerprint: str | None, force: bool) -> None:
+    """A run folder holds the predictions of one model: refuse to resume with another (by fingerprint)."""
+    if fingerprint is None:
+        return
+    stored = run_dir / "model.json"
+    if stored.is_file() and not force:
+        try:
+            before = json.loads(stored.read_text(encoding="utf-8")).get("fingerprint")
+        except (json.JSONDecodeError, AttributeError):
+            before = None
+        if before != fingerprint:
+            raise ConfigError(f"{run_dir} holds predictions of another model (fingerprint {before}, this model "
+                              f"{fingerprint}): the folder changed since; use a different --work-dir or "
+                              "--force-reinfer")
+    _atomic_write(stored, json.dumps({"fingerprint": fingerprint}) + "\n")
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -206,6 +256,7 @@ def run_dataset(manifest: Manifest, predictor: Predictor, recipe: Recipe, run_di
                     old.unlink(missing_ok=True)
     if rank == 0:
         _check_recipe(run_dir, recipe, force)
+        _check_model(run_dir, getattr(predictor, "fingerprint", None), force)
     if hasattr(predictor, "set_run_dir"):
         predictor.set_run_dir(run_dir)
 
