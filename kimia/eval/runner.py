@@ -169,31 +169,20 @@ def finished_predictions(run_dir: Path) -> dict[str, dict]:
     return done
 
 
-def _check_recipe(run_dir: Path, recipe: Recipe, force: bool) -> None:
-    stored = run_dir / "recipe.yaml"
-    if stored.is_file() and not force:
-        import yaml
-        if yaml.safe_load(stored.read_text(encoding="utf-8")) != recipe.to_dict():
-            raise ConfigError(f"{run_dir} holds predictions made with another recipe; "
-                              "use a different --work-dir or --force-reinfer")
-    _atomic_write(stored, recipe.to_yaml())
+def _check_made_with(stored: Path, text: str, force: bool, what: str) -> None:
+    """`stored` records what made the run folder's predictions (a recipe, a model fingerprint): resuming under
+    something else (compared parsed, so formatting does not count) is refused; the record is (re)written."""
+    import yaml  # YAML is a superset of the JSON records too
 
-
-def _check_model(run_dir: Path, fingerprint: str | None, force: bool) -> None:
-    """A run folder holds the predictions of one model: refuse to resume with another (by fingerprint)."""
-    if fingerprint is None:
-        return
-    stored = run_dir / "model.json"
     if stored.is_file() and not force:
         try:
-            before = json.loads(stored.read_text(encoding="utf-8")).get("fingerprint")
-        except (json.JSONDecodeError, AttributeError):
+            before = yaml.safe_load(stored.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
             before = None
-        if before != fingerprint:
-            raise ConfigError(f"{run_dir} holds predictions of another model (fingerprint {before}, this model "
-                              f"{fingerprint}): the folder changed since; use a different --work-dir or "
-                              "--force-reinfer")
-    _atomic_write(stored, json.dumps({"fingerprint": fingerprint}) + "\n")
+        if before != yaml.safe_load(text):
+            raise ConfigError(f"{stored.parent} holds predictions made with another {what}; "
+                              "use a different --work-dir or --force-reinfer")
+    _atomic_write(stored, text)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -255,8 +244,11 @@ def run_dataset(manifest: Manifest, predictor: Predictor, recipe: Recipe, run_di
                 if not old.name.endswith(f"_of_{world_size}.jsonl"):
                     old.unlink(missing_ok=True)
     if rank == 0:
-        _check_recipe(run_dir, recipe, force)
-        _check_model(run_dir, getattr(predictor, "fingerprint", None), force)
+        _check_made_with(run_dir / "recipe.yaml", recipe.to_yaml(), force, "recipe")
+        fingerprint = getattr(predictor, "fingerprint", None)
+        if fingerprint is not None:  # a rebuilt model folder is not mixed into its old predictions
+            _check_made_with(run_dir / "model.json", json.dumps({"fingerprint": fingerprint}) + "\n", force,
+                             f"model (this one's fingerprint: {fingerprint})")
     if hasattr(predictor, "set_run_dir"):
         predictor.set_run_dir(run_dir)
 
