@@ -95,6 +95,7 @@ class ModelPaths:
     quantize: dict[str, str] = field(default_factory=dict)  # kimia.json "quantize": {device type: mode} ("auto")
     semantic_base: Path | None = None  # packaged Whisper folder the semantic tokenizer's delta applies to
     semantic_delta: Path | None = None  # its delta weights (kimia.json semantic_tokenizer {base, delta, config})
+    whisper_padding: str = "segment"  # kimia.json "whisper_padding": how the LM's Whisper features were made
 
 
 def _need(path: Path, what: str, expected: str) -> Path:
@@ -195,6 +196,12 @@ def resolve_model_folder(model_path: str | os.PathLike, *, load_detokenizer: boo
     stream = (doc.get("stream") or {}) if layout == "native" else {}
     if not isinstance(stream, dict):
         raise CheckpointError(f"{root / MANIFEST}: 'stream' must be an object of detokenizer StreamConfig fields")
+    padding = doc.get("whisper_padding", "segment") if layout == "native" else "segment"
+    from kimia.encoders.whisper import PADDINGS
+
+    if padding not in PADDINGS:
+        raise CheckpointError(f"{root / MANIFEST}: 'whisper_padding' must be one of {', '.join(PADDINGS)}, "
+                              f"got {padding!r}")
     sem_base = sem_delta = None
     if layout == "native" and "semantic_tokenizer_path" not in over and isinstance(comp.get("semantic_tokenizer"), dict) \
             and "delta" in comp["semantic_tokenizer"]:
@@ -208,7 +215,7 @@ def resolve_model_folder(model_path: str | os.PathLike, *, load_detokenizer: boo
     if not isinstance(quant, dict) or any(not isinstance(v, str) for v in quant.values()):
         raise CheckpointError(f"{root / MANIFEST}: 'quantize' must map device types to a mode, e.g. {{\"cpu\": \"int8\"}}")
     return ModelPaths(root, layout, lm, tok, tok_root, whisper, semantic, detok, voc, lm_delta=delta, stream=stream,
-                      quantize=quant, semantic_base=sem_base, semantic_delta=sem_delta)
+                      quantize=quant, semantic_base=sem_base, semantic_delta=sem_delta, whisper_padding=padding)
 
 
 def _delta_lm_folder(root: Path, entry: dict[str, Any], what: str) -> Path:
@@ -249,8 +256,9 @@ def _json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path}: {e}") from e
 
 
-def load_whisper(folder: Path, device: torch.device, dtype: torch.dtype):
-    """Continuous feature extractor from a native folder (WhisperEncoderConfig fields) or a HF Whisper folder."""
+def load_whisper(folder: Path, device: torch.device, dtype: torch.dtype, padding: str = "segment"):
+    """Continuous feature extractor from a native folder (WhisperEncoderConfig fields) or a HF Whisper folder;
+    `padding` as the model was trained ("segment": 30 s, official; "clip": each segment at its own length)."""
     from kimia.encoders.whisper import ContinuousFeatureExtractor, WhisperEncoder, WhisperEncoderConfig, load_continuous_extractor
 
     cfg_path = folder / "config.json"
@@ -265,8 +273,8 @@ def load_whisper(folder: Path, device: torch.device, dtype: torch.dtype):
         weights = _need(folder / "model.safetensors", "Whisper weights", "model.safetensors beside config.json")
         enc = build_frozen(lambda: WhisperEncoder(wcfg), load_safetensors(weights),
                            source=f"Whisper checkpoint {weights}", device=device, dtype=dtype)
-        return ContinuousFeatureExtractor(enc)
-    return load_continuous_extractor(folder, device=device, dtype=dtype)
+        return ContinuousFeatureExtractor(enc, padding=padding)
+    return load_continuous_extractor(folder, device=device, dtype=dtype, padding=padding)
 
 
 def load_semantic(folder: Path, device: torch.device, *, base: Path | None = None, delta: Path | None = None):
@@ -346,7 +354,7 @@ def load_model_folder(model_path: str | os.PathLike, *, load_detokenizer: bool =
     else:
         lm, cfg = load_official_lm(p.lm, device=dev, dtype=dt)
     specials = SpecialTokens.from_config(cfg.to_dict(), tokenizer)
-    extractor = load_whisper(p.whisper, dev, dt)
+    extractor = load_whisper(p.whisper, dev, dt, p.whisper_padding)
     semantic = load_semantic(p.semantic_tokenizer, dev, base=p.semantic_base, delta=p.semantic_delta)
     detok = None
     if load_detokenizer:

@@ -112,6 +112,24 @@ def test_corrupt_manifest_and_weights(tiny_folder, tmp_path):
         resolve_model_folder(bad)
 
 
+def test_whisper_padding_comes_from_the_manifest(tiny_folder, tmp_path):
+    """kimia.json "whisper_padding" decides how the folder's features are made: the official 30 s padding
+    unless the model was trained on clip-length features; an unknown mode is refused naming the field."""
+    assert load_model_folder(tiny_folder, load_detokenizer=False).feature_extractor.padding == "segment"
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_folder, clip)
+    doc = json.loads((tiny_folder / "kimia.json").read_text())
+    (clip / "kimia.json").write_text(json.dumps({**doc, "whisper_padding": "clip"}))
+    m = load_model_folder(clip, load_detokenizer=False)
+    wave = torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 0.1
+    a = m.feature_extractor(wave)
+    b = load_model_folder(tiny_folder, load_detokenizer=False).feature_extractor(wave)
+    assert m.feature_extractor.padding == "clip" and a.shape == b.shape and not torch.allclose(a, b, atol=1e-4)
+    (clip / "kimia.json").write_text(json.dumps({**doc, "whisper_padding": "30s"}))
+    with pytest.raises(CheckpointError, match="whisper_padding"):
+        resolve_model_folder(clip)
+
+
 # ---------------------------------------------------------------------------------------------- KimiAudio
 ASR = "Please transcribe the spoken content into written text."
 

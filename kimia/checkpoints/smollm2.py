@@ -237,13 +237,21 @@ def verified_base_file(base: dict[str, Any], what: str) -> Path:
     return path
 
 
-def load_delta_lm(entry: dict[str, Any], root: str | os.PathLike, *, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None, what: str = "LM") -> tuple[Any, AudioLMConfig]:
-    """AudioLM of a delta entry (see the module docstring): base rebuilt from the verified GGUF, delta
-    tensors overlaid, strictly loaded. dtype default: the config's `torch_dtype`."""
-    from kimia.checkpoints.common import load_safetensors, load_state_dict_strict
-    from kimia.checkpoints.official_lm import IGNORED_KEYS, _dtype_from_config
-    from kimia.lm.model import AudioLM
+@dataclass
+class DeltaLMState:
+    """The weights of a delta LM entry before its LoRA factors are folded in."""
+
+    config: AudioLMConfig
+    state_dict: dict[str, torch.Tensor]  # base rebuilt from the GGUF with the delta tensors overlaid (unmerged)
+    lora: dict[str, torch.Tensor]  # <layer>.lora_A / <layer>.lora_B factors stored instead of merged weights
+    scales: dict[str, float]  # <layer> -> alpha / r
+    source: str  # what the weights were read from, for messages
+
+
+def delta_lm_state_dict(entry: dict[str, Any], root: str | os.PathLike, what: str = "LM") -> DeltaLMState:
+    """Read and check a delta entry (see the module docstring) without folding its adapters in: what
+    `load_delta_lm` loads, and what a training run that continues the adapters starts from."""
+    from kimia.checkpoints.common import load_safetensors
 
     root = Path(root)
     for key in ("base", "delta", "config"):
@@ -254,8 +262,6 @@ def load_delta_lm(entry: dict[str, Any], root: str | os.PathLike, *, device: tor
         config = AudioLMConfig.from_json(root / entry["config"])
     except ConfigError as e:
         raise CheckpointError(f"{root / entry['config']}: bad config.json: {e}") from e
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = dtype or _dtype_from_config(config)
     delta_path = root / entry["delta"]
     delta = load_safetensors(delta_path)
     listed = entry.get("delta_tensors")
@@ -284,24 +290,40 @@ def load_delta_lm(entry: dict[str, Any], root: str | os.PathLike, *, device: tor
         if r > 0:
             v = torch.cat([sd[k][:r], v.to(sd[k].dtype)])  # unchanged rows from the base, then the trained ones
         sd[k] = v
-    if scales:
+    unknown = sorted(n for n in scales if f"{n}.weight" not in sd)
+    if unknown:
+        raise CheckpointError(f"{what}: LoRA factors for layers the model does not have: {unknown[:4]}")
+    return DeltaLMState(config, sd, lora, {str(k): float(v) for k, v in scales.items()},
+                        f"{base_path.name} + {delta_path}")
+
+
+def load_delta_lm(entry: dict[str, Any], root: str | os.PathLike, *, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None, what: str = "LM") -> tuple[Any, AudioLMConfig]:
+    """AudioLM of a delta entry (see the module docstring): base rebuilt from the verified GGUF, delta
+    tensors overlaid, LoRA factors folded in, strictly loaded. dtype default: the config's `torch_dtype`."""
+    from kimia.checkpoints.common import load_state_dict_strict
+    from kimia.checkpoints.official_lm import IGNORED_KEYS, _dtype_from_config
+    from kimia.lm.model import AudioLM
+
+    st = delta_lm_state_dict(entry, root, what)
+    config, sd = st.config, st.state_dict
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or _dtype_from_config(config)
+    if st.scales:
         from kimia.train.lora import merge_lora_state_dict  # the export's own merge: bit-equal weights
 
-        unknown = sorted(n for n in scales if f"{n}.weight" not in sd)
-        if unknown:
-            raise CheckpointError(f"{what}: LoRA factors for layers the model does not have: {unknown[:4]}")
-        sd = merge_lora_state_dict({**sd, **lora}, scales)
+        sd = merge_lora_state_dict({**sd, **st.lora}, st.scales)
     if config.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     with torch.device("meta"):
         model = AudioLM(config, dtype=dtype)
     load_state_dict_strict(model, {k: v.to(device) for k, v in sd.items()},
-                           source=f"{what} ({base_path.name} + {delta_path})", ignore=IGNORED_KEYS, dtype=dtype)
+                           source=f"{what} ({st.source})", ignore=IGNORED_KEYS, dtype=dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # casting/moving may have untied them
     model.init_buffers(device)
     model.eval()
-    logger.info("loaded AudioLM from %s + %d delta tensors (%s on %s)", base_path.name, len(delta), dtype, device)
+    logger.info("loaded AudioLM from %s (%s on %s)", st.source, dtype, device)
     return model, config
 
 
@@ -310,7 +332,9 @@ __all__ = [
     "PACKAGE",
     "PIP_PACKAGE",
     "GGUFModel",
+    "DeltaLMState",
     "base_state_dict",
+    "delta_lm_state_dict",
     "convert_settings",
     "find_package_file",
     "find_smollm2_gguf",

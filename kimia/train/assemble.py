@@ -126,7 +126,8 @@ def _param_count(folder: Path) -> int:
 
 def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardInfo | None = None, *,
                           check: bool = True, dtype: str | None = None,
-                          stream: dict[str, Any] | None = None, quantize: dict[str, str] | None = None) -> Path:
+                          stream: dict[str, Any] | None = None, quantize: dict[str, str] | None = None,
+                          whisper_padding: str = "segment") -> Path:
     """Write a native model folder at `out` from the stage exports; returns it.
 
     The folder is built in `<out>.tmp` and renamed into place, so an interrupted assembly never leaves a
@@ -135,6 +136,7 @@ def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardI
     weight in that type (loaders cast to the compute dtype), halving the folder against fp32. `stream`:
     the detokenizer's streaming settings for this model (StreamConfig fields, e.g. a small first chunk).
     `quantize`: the LLM quantization `KimiAudio(quantize="auto")` applies per device type (e.g. {"cpu": "int8"}).
+    `whisper_padding`: how the LM's Whisper features were made in training ("segment" or "clip").
     """
     from kimia.model_folder import packaged_whisper_reference, write_manifest
 
@@ -175,6 +177,10 @@ def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardI
         if bad:
             raise ConfigError(f"assemble quantize: unknown mode(s) {bad}; expected one of {MODES}")
         extra["quantize"] = dict(quantize)
+    if whisper_padding != "segment":
+        from kimia.encoders.whisper import check_padding
+
+        extra["whisper_padding"] = check_padding(whisper_padding)
     write_manifest(tmp, components, tok, name=card.name, files=files, **extra,
                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if check:

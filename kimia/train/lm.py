@@ -38,7 +38,7 @@ from kimia.lm.model import AudioLM, LMOutput
 from kimia.train.common import LossOutput, Recipe
 from kimia.train.config import OptimConfig, TrainConfig, to_dict
 from kimia.train.data import LMBatch, collate_lm
-from kimia.train.lora import apply_lora, lora_scales, merge_lora_state_dict
+from kimia.train.lora import apply_lora, load_lora_factors, lora_scales, merge_lora_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ class LoRASpec:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["*.self_attn.q_proj", "*.self_attn.v_proj"])
     freeze_base: bool = True  # True: only adapters train; False: only the adapted layers' weights freeze
+    # adapters to continue (a safetensors file of <layer>.lora_A/B with "scales" metadata, e.g. the pipeline's
+    # lm_init/lora_start.safetensors of a model folder it continues) instead of fresh ones; the init folder's
+    # weights must then be the unmerged base they apply to. None: fresh adapters (B = 0)
+    init: str | None = None
 
 
 @dataclass
@@ -70,6 +74,7 @@ class LMDataSpec:
     synthetic: int = 0  # > 0: this many synthetic examples instead of manifests (tests, smoke runs)
     max_len: int = 512
     whisper: str | None = None  # frozen Whisper encoder for features: "base", "tiny.en" or a path; None: none
+    whisper_padding: str = "segment"  # "segment": every segment padded to 30 s (official); "clip": its own length
     semantic_tokenizer: str | None = None  # frozen semantic tokenizer folder; None: manifests carry audio_tokens
     cache_dir: str | None = None  # cache computed ids/features here (None: compute on the fly)
     concat_prob: float = 0.0  # long-form ASR: share of "asr" records joined with other ASR clips
@@ -201,6 +206,8 @@ class LMRecipe(Recipe):
             apply_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, seed=self.cfg.train.seed,
                        freeze_base=lora.freeze_base)
             self._scales = lora_scales(model)
+            if lora.init:
+                load_lora_factors(model, lora.init)
         if self.cfg.freeze_embedding_rows_below > 0:
             w = model.model.embed_tokens.weight
             if w.requires_grad:
@@ -262,7 +269,7 @@ class LMRecipe(Recipe):
         if d.whisper:
             from kimia.encoders.whisper import load_continuous_extractor
 
-            features = load_continuous_extractor(d.whisper, device="cpu")
+            features = load_continuous_extractor(d.whisper, device="cpu", padding=d.whisper_padding)
         audio = AudioCache(token_offset=c.kimia_token_offset, semantic=semantic, features=features,
                            cache_dir=d.cache_dir)
         records = read_manifests(d.manifests)
@@ -298,12 +305,9 @@ class LMRecipe(Recipe):
         load_state_dict_strict(model, sd, source="trained state", assign=True)
         save_native_lm(model, folder)
         if self._scales:  # the adapters themselves too: a model folder can store them instead of merged weights
-            from safetensors.torch import save_file
+            from kimia.train.lora import lora_state_dict, save_lora_factors
 
-            from kimia.train.lora import lora_state_dict
-
-            save_file({k: v.contiguous() for k, v in lora_state_dict(state_dict).items()}, str(folder / LORA_FILE),
-                      metadata={"format": "pt", "scales": json.dumps(self._scales)})
+            save_lora_factors(folder / LORA_FILE, lora_state_dict(state_dict), self._scales)
         if self.init_folder is not None:
             for extra in self.init_folder.iterdir():
                 if extra.name not in ("config.json", "model.safetensors", LORA_FILE):

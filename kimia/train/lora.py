@@ -10,8 +10,11 @@ into it, and `merge_lora` + `strip_lora` give back a plain model whose export is
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -162,5 +165,46 @@ def lora_scales(model: nn.Module) -> dict[str, float]:
     return {n: m.scale for n, m in lora_layers(model).items()}
 
 
+def save_lora_factors(path: str | os.PathLike, factors: dict[str, torch.Tensor], scales: dict[str, float]) -> Path:
+    """Write adapters (<layer>.lora_A / .lora_B) with their scales (alpha / r) in the file's metadata."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in factors.items()}, str(path),
+              metadata={"format": "pt", "scales": json.dumps(scales)})
+    return Path(path)
+
+
+def load_lora_factors(model: nn.Module, path: str | os.PathLike) -> None:
+    """Start the model's adapters from a `save_lora_factors` file. Strict: the file must hold both factors of
+    exactly the model's adapted layers, in their shapes, with the same scales (same r and alpha)."""
+    from safetensors import safe_open
+
+    from kimia.checkpoints.common import load_safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"lora.init: adapters file {path} not found")
+    with safe_open(str(path), framework="pt") as f:
+        scales = json.loads((f.metadata() or {}).get("scales", "{}"))
+    factors = load_safetensors(path)
+    layers = lora_layers(model)
+    missing = sorted(n for n in layers if f"{n}.lora_A" not in factors or f"{n}.lora_B" not in factors)
+    extra = sorted({k.rsplit(".", 1)[0] for k in factors} - set(layers))
+    if missing or extra:
+        raise ConfigError(f"lora.init {path}: adapters do not match the model's LoRA layers (missing "
+                          f"{missing[:3]}{'...' if len(missing) > 3 else ''}, not adapted here {extra[:3]})")
+    for n, m in layers.items():
+        a, b = factors[f"{n}.lora_A"], factors[f"{n}.lora_B"]
+        if a.shape != m.lora_A.shape or b.shape != m.lora_B.shape:
+            raise ConfigError(f"lora.init {path}: {n} factors have shapes {tuple(a.shape)}, {tuple(b.shape)}; the "
+                              f"model's are {tuple(m.lora_A.shape)}, {tuple(m.lora_B.shape)} (another r?)")
+        if n not in scales or abs(float(scales[n]) - m.scale) > 1e-9:
+            raise ConfigError(f"lora.init {path}: {n} was trained with scale {scales.get(n)}, this run's is "
+                              f"{m.scale} (alpha / r must match)")
+        with torch.no_grad():
+            m.lora_A.copy_(a)
+            m.lora_B.copy_(b)
+
+
 __all__ = ["LoRALinear", "apply_lora", "lora_layers", "lora_state_dict", "merge_lora", "unmerge_lora", "strip_lora",
-           "merge_lora_state_dict", "lora_scales"]
+           "merge_lora_state_dict", "lora_scales", "save_lora_factors", "load_lora_factors"]

@@ -23,6 +23,12 @@
   eval      `KimiAudio(folder)` answers one spoken question in text and speech (demo.wav), then
             `kimia eval` on the corpus' held-out manifests; results go to the model card
 
+`from_model` continues an earlier model folder (e.g. the shipped models/kimia-small, which survives in git when
+run folders do not): each stage it lists (vq, lm_init, dit, vocoder) takes that folder's part instead of
+training or converting one. lm_init gets the folder's LM with its LoRA factors left unmerged
+(lm_init/lora_start.safetensors), and the lm stage continues those adapters, so the new folder still stores
+the trunk as the packaged SmolLM2 plus small factors.
+
 Every stage writes its outputs under <work>/<stage>/ and, when finished, a marker `<work>/<stage>/DONE.json`
 (with the fingerprint of the stage's resolved settings). A rerun skips finished stages, so it does no work;
 a killed run continues where it stopped (the synth resumes its items, the recipes resume from their
@@ -132,6 +138,18 @@ class CorpusStage:
 class WhisperStage:
     source: str = "base"  # packaged name (referenced by checksum), "preset:<name>" (random, tests) or a folder
     seed: int = 0
+    # the LM's continuous features: "segment" (every segment padded to 30 s, as Kimi-Audio) or "clip" (each
+    # at its own length: ~15x less encoder compute for a 2 s clip; written to the folder's kimia.json)
+    padding: str = "segment"
+
+
+SEEDABLE = ("vq", "lm_init", "dit", "vocoder")
+
+
+@dataclass
+class FromModelStage:
+    folder: str | None = None  # a native kimia model folder this run continues; None: every part from scratch
+    stages: list[str] = field(default_factory=lambda: list(SEEDABLE))  # the stages that take its part as is
 
 
 @dataclass
@@ -184,6 +202,7 @@ class PipelineConfig:
     max_steps_this_run: int = 0  # > 0: every training stage stops (with a checkpoint) after this many steps
     corpus: CorpusStage = field(default_factory=CorpusStage)
     whisper: WhisperStage = field(default_factory=WhisperStage)
+    from_model: FromModelStage = field(default_factory=FromModelStage)
     vq: RecipeStage = field(default_factory=RecipeStage)
     lm_init: LMInitStage = field(default_factory=LMInitStage)
     tokenize: TokenizeStage = field(default_factory=TokenizeStage)
@@ -207,6 +226,13 @@ def load_pipeline_config(path: str | os.PathLike | None, overrides: list[str] | 
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise ConfigError(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
+    bad = [s for s in cfg.from_model.stages if s not in SEEDABLE]
+    if bad:
+        raise ConfigError(f"from_model.stages: {bad} cannot come from a model folder; those that can: "
+                          f"{', '.join(SEEDABLE)}")
+    from kimia.encoders.whisper import check_padding
+
+    check_padding(cfg.whisper.padding, "whisper.padding")
     return cfg
 
 
@@ -249,6 +275,20 @@ class Pipeline:
     def model_dir(self) -> Path:
         return self.dir("assemble") / "model"
 
+    @property
+    def feature_cache(self) -> Path:
+        """Whisper features of the corpus (tokenize writes them, align and lm read them), one folder per padding."""
+        pad = self.cfg.whisper.padding
+        return self.dir("tokenize") / ("features" if pad == "segment" else f"features-{pad}")
+
+    def seeded(self, stage: str) -> bool:
+        """Whether `stage` takes its part from `from_model.folder` instead of making it."""
+        return bool(self.cfg.from_model.folder) and stage in self.cfg.from_model.stages
+
+    @property
+    def lora_start(self) -> Path:
+        return self.dir("lm_init") / "lora_start.safetensors"
+
     def whisper_source(self) -> str:
         """What recipes get as their frozen Whisper: a packaged name or a folder."""
         info = self._marker("whisper")
@@ -276,6 +316,10 @@ class Pipeline:
 
     def stage_settings(self, stage: str) -> Any:
         """The settings a stage's fingerprint covers (its section; resolved recipe config for training)."""
+        if self.seeded(stage):
+            from kimia.eval.runner import folder_fingerprint
+
+            return {"from_model": folder_fingerprint(self.cfg.from_model.folder)}
         if stage in TRAIN_STAGES:
             d = to_dict(self.recipe_config(stage))
             for k in ("max_steps_this_run", "device", "parallel", "log_every", "save_every", "keep_last"):
@@ -314,7 +358,8 @@ class Pipeline:
             if done["fingerprint"] != fp:
                 raise ConfigError(f"stage {stage!r} finished under other settings ({self.dir(stage) / MARKER}); "
                                   f"pass --force {stage} to redo it with the new ones (later stages too)")
-            newer = [d for d in DEPENDS[stage] if (self._marker(d) or {}).get("t", 0) > done.get("t", 0)]
+            newer = [] if self.seeded(stage) else \
+                [d for d in DEPENDS[stage] if (self._marker(d) or {}).get("t", 0) > done.get("t", 0)]
             if newer:
                 hint = (f"; its checkpoints were made from the old inputs: delete {self.dir(stage)} to train it "
                         "afresh" if stage in TRAIN_STAGES else "")
@@ -328,7 +373,7 @@ class Pipeline:
             self._wait_for(stage)
             return StageResult(stage, "skipped")
         t0 = time.time()
-        info = getattr(self, f"_stage_{stage}")()
+        info = self._seed(stage) if self.seeded(stage) else getattr(self, f"_stage_{stage}")()
         seconds = time.time() - t0
         spent = self.dir(stage) / "seconds.json"  # wall time summed over the sessions that worked on it
         total = seconds + (json.loads(spent.read_text())["seconds"] if spent.is_file() else 0.0)
@@ -423,7 +468,8 @@ class Pipeline:
                   f"data.manifests={j(self._manifests(['asr', 'spoken_qa', 'dialogue', 'style']))}",
                   "data.audio_key=audio_path", "data.text_key=text", f"data.whisper={j(self.whisper_source())}",
                   f"data.semantic_tokenizer={j(str(self.export('vq')))}",
-                  f"data.feature_cache={j(str(self.dir('tokenize') / 'features'))}",
+                  f"data.feature_cache={j(str(self.feature_cache))}",
+                  f"data.whisper_padding={j(self.cfg.whisper.padding)}",
                   f"data.id_cache={j(str(self.dir('tokenize') / 'ids'))}",
                   f"data.eval_manifests={j(self._manifests(['asr'], self.cfg.eval.split))}"]
         elif stage == "lm":
@@ -432,7 +478,9 @@ class Pipeline:
                   f"data.manifests={j([str(self.dir('tokenize') / 'train.jsonl')])}", "data.synthetic=0",
                   f"data.whisper={j(self.whisper_source())}", "data.semantic_tokenizer=null",
                   f"data.text_qa_eval_fraction={self.cfg.corpus.eval_fraction}",
-                  f"data.cache_dir={j(str(self.dir('tokenize') / 'features'))}"]
+                  f"data.cache_dir={j(str(self.feature_cache))}", f"data.whisper_padding={j(self.cfg.whisper.padding)}"]
+            if self.seeded("lm_init") and self.lora_start.is_file():  # continue the earlier model's adapters
+                w.append(f"lora.init={j(str(self.lora_start))}")
         elif stage in ("dit", "vocoder"):
             w += [f"data.manifests={j(self._manifests(['spoken_qa', 'dialogue']))}", "data.synthetic=0",
                   "data.audio_key=target_audio_path"]
@@ -484,6 +532,39 @@ class Pipeline:
 
     def _stage_vocoder(self) -> dict[str, Any] | None:
         return self._train("vocoder")
+
+    # parts of an earlier model folder ------------------------------------------------------------------------
+    def _seed(self, stage: str) -> dict[str, Any]:
+        """Write `from_model.folder`'s part for `stage` where the stage would write its own (see the docstring)."""
+        import shutil
+
+        from kimia.model_folder import resolve_model_folder
+
+        src = Path(self.cfg.from_model.folder)
+        p = resolve_model_folder(src, load_detokenizer=stage in ("dit", "vocoder"))
+        if p.layout != "native":
+            raise ConfigError(f"from_model.folder {src} is a {p.layout} release folder; only kimia model folders "
+                              "(kimia.json) can be continued")
+        out = self.dir("lm_init") / "model" if stage == "lm_init" else self.export(stage)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        info: dict[str, Any] = {"from_model": str(src)}
+        if stage == "vq":
+            _seed_semantic(p, tmp)
+        elif stage == "lm_init":
+            self.lora_start.unlink(missing_ok=True)
+            info["lora_layers"] = _seed_lm(p, tmp, self.lora_start)
+            from kimia.lm.config import AudioLMConfig
+
+            cfg = AudioLMConfig.from_json(tmp / "config.json")
+            info.update(audio_vocab=cfg.vocab_size - cfg.kimia_token_offset, adaptor_input_dim=cfg.kimia_adaptor_input_dim)
+        else:
+            shutil.copytree(p.detokenizer if stage == "dit" else p.vocoder, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        info["folder"] = str(out)
+        logger.info("stage %s: part taken from %s", stage, src)
+        return info
 
     # LM start and corpus tokenization -----------------------------------------------------------------------
     def _stage_lm_init(self) -> dict[str, Any]:
@@ -556,7 +637,7 @@ class Pipeline:
             from kimia.encoders.whisper import load_continuous_extractor
 
             feats = AudioCache(token_offset=lm_cfg.kimia_token_offset, features=load_continuous_extractor(
-                self.whisper_source(), device="cpu"), cache_dir=out_dir / "features")
+                self.whisper_source(), device="cpu", padding=self.cfg.whisper.padding), cache_dir=self.feature_cache)
             ds = ManifestLMDataset(read_manifests([out_dir / "train.jsonl"]), builder, audio=feats)
             for i in range(len(ds)):
                 ds[i]
@@ -572,7 +653,8 @@ class Pipeline:
         card = CardInfo(name=self.cfg.assemble.name, description=self.cfg.assemble.description,
                         data=self._card_data(), compute=self._card_compute(), commands=self._card_commands())
         folder = assemble_model_folder(self.model_dir, parts, card, dtype=self.cfg.assemble.dtype,
-                                       stream=self.cfg.assemble.stream, quantize=self.cfg.assemble.quantize)
+                                       stream=self.cfg.assemble.stream, quantize=self.cfg.assemble.quantize,
+                                       whisper_padding=self.cfg.whisper.padding)
         return {"folder": str(folder)}
 
     def _card_data(self) -> str:
@@ -683,6 +765,55 @@ class Pipeline:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _seed_semantic(p: Any, out: Path) -> None:
+    """A model folder's semantic tokenizer (a delta over packaged Whisper or whole) as a plain export folder."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from kimia.model_folder import load_semantic
+
+    tok = load_semantic(p.semantic_tokenizer, torch.device("cpu"), base=p.semantic_base, delta=p.semantic_delta)
+    out.mkdir(parents=True)
+    save_file({k: v.detach().float().contiguous() for k, v in tok.encoder.state_dict().items()},
+              str(out / "model.safetensors"), metadata={"format": "pt", "component": "semantic_tokenizer"})
+    shutil.copy2(p.semantic_tokenizer / "config.json", out / "config.json")
+
+
+def _seed_lm(p: Any, out: Path, lora_start: Path) -> int:
+    """A model folder's LM as a native folder of unmerged fp32 weights (+ its other files); a delta LM's LoRA
+    factors go to `lora_start`. Returns the number of adapted layers (0: a whole LM folder, copied as is)."""
+    import shutil
+
+    import torch
+
+    from kimia.checkpoints.common import load_state_dict_strict
+    from kimia.checkpoints.native import save_native_lm
+    from kimia.checkpoints.official_lm import IGNORED_KEYS
+    from kimia.checkpoints.smollm2 import delta_lm_state_dict
+    from kimia.lm.model import AudioLM
+    from kimia.train.lora import save_lora_factors
+
+    if p.lm_delta is None:
+        shutil.copytree(p.lm, out)
+        return 0
+    st = delta_lm_state_dict(p.lm_delta, p.root, f"from_model {p.root}")
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in st.state_dict.items()}
+    if st.config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = AudioLM(st.config, dtype=torch.float32)
+    load_state_dict_strict(model, sd, source=st.source, ignore=IGNORED_KEYS, assign=True)
+    save_native_lm(model, out, dtype=torch.float32)
+    for item in p.lm.iterdir():  # tokenizer files, align.json, ...
+        if item.name not in ("config.json", "delta.safetensors", "model.safetensors") and not (out / item.name).exists():
+            (shutil.copytree(item, out / item.name) if item.is_dir() else shutil.copy2(item, out / item.name))
+    if st.scales:
+        save_lora_factors(lora_start, st.lora, st.scales)
+    return len(st.scales)
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
