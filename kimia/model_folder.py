@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from kimia.checkpoints.common import sha256_file
 from kimia.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -381,21 +382,6 @@ def load_model_folder(model_path: str | os.PathLike, *, load_detokenizer: bool =
 
 
 # ------------------------------------------------------------------------------------------ package references
-_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _VERIFIED:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _VERIFIED[key] = h.hexdigest()
-    return _VERIFIED[key]
 
 
 def packaged_whisper_reference(name: str) -> dict[str, Any]:
@@ -408,7 +394,7 @@ def packaged_whisper_reference(name: str) -> dict[str, Any]:
     key = _canonical(name)
     parts, _ = _package_parts(key)
     pkg = PACKAGED_WHISPER[key]
-    files = [{"package": pip, "version": metadata.version(pip), "file": rel, "sha256": _sha256(part)}
+    files = [{"package": pip, "version": metadata.version(pip), "file": rel, "sha256": sha256_file(part)}
              for pip, rel, part in zip(pkg.pip, pkg.model_files, parts)]
     return {"packaged_whisper": key, "files": files}
 
@@ -426,7 +412,7 @@ def resolve_packaged_reference(ref: dict[str, Any], what: str) -> Path:
     if len(files) != len(parts):
         raise CheckpointError(f"{what}: references {len(files)} files but {PACKAGED_WHISPER[key].pip} hold {len(parts)}")
     for part, entry in zip(parts, files):
-        got = _sha256(part)
+        got = sha256_file(part)
         if got != entry.get("sha256"):
             raise CheckpointError(
                 f"{what}: {part} from package {entry.get('package')!r} has sha256 {got[:16]}... but the model was "

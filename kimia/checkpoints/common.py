@@ -7,6 +7,7 @@ module built on the meta device takes the (possibly memory-mapped) checkpoint te
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -16,6 +17,23 @@ from safetensors import safe_open
 from torch import nn
 
 from kimia.errors import CheckpointError
+
+_SHA256: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, remembered per process by (path, size, mtime): verifying the same packaged
+    base at every load, or a folder's files at assembly, reads each file once."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
 
 _MAX_LISTED = 20
 

@@ -24,7 +24,6 @@ new vocabulary rows are the mean of the pretrained rows plus seeded noise, the a
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kimia.checkpoints.common import sha256_file
 from kimia.errors import CheckpointError, ConfigError
 from kimia.lm.config import AudioLMConfig
 from kimia.tokens import NUM_SPECIALS, SpecialTokens
@@ -73,14 +73,6 @@ def find_smollm2_gguf() -> Path:
         return find_package_file(PIP_PACKAGE, GGUF_NAME)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ conversion
@@ -224,11 +216,7 @@ def verified_base_file(base: dict[str, Any], what: str) -> Path:
     if not isinstance(package, str) or not isinstance(file, str) or not isinstance(want, str):
         raise CheckpointError(f"{what}: an LM base needs 'package', 'file' and 'sha256'")
     path = find_package_file(package, file)
-    from kimia.model_folder import (
-        _sha256,  # per-process cache shared with the Whisper references
-    )
-
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != want:
         version = f"=={base['version']}" if base.get("version") else ""
         raise CheckpointError(

@@ -86,10 +86,7 @@ class KimiAudioPredictor:
         self._model, self._with_detokenizer = None, False
         self.run_dir: Path | None = None
         self.name = Path(model_path).name if model_path else "kimia-small"
-        self._get(False)
-        from kimia.api import resolve_model_path
-
-        self.fingerprint = folder_fingerprint(resolve_model_path(model_path))
+        self.fingerprint = folder_fingerprint(self._get(False).parts.paths.root)  # the folder it loaded
 
     def _get(self, detokenizer: bool):
         if self._model is not None and (self._with_detokenizer or not detokenizer):

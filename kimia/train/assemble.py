@@ -22,7 +22,6 @@ packaged GGUF without its weights), so the toy pipeline runs the same code paths
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from kimia.checkpoints.common import sha256_file
 from kimia.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -70,14 +70,6 @@ class CardInfo:
     compute: str = ""  # steps, step times, hardware
     commands: list[str] = field(default_factory=list)  # exact commands that reproduce the folder
     evaluation: str = "(not measured yet: run the pipeline's `eval` stage or `kimia eval`)"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
