@@ -283,3 +283,24 @@ def test_continued_adapters_start_where_the_folder_stopped_and_ship_as_factors_a
             LMRecipe(load_config(LMTrainConfig, None, [*over, bad, f"lora.init={lora_start}"])).build_model(torch.device("cpu"))
     with pytest.raises(ConfigError, match="not found"):
         LMRecipe(load_config(LMTrainConfig, None, [*over, f"lora.init={tmp_path / 'nope.safetensors'}"])).build_model(torch.device("cpu"))
+
+
+def test_fp16_storage_leaves_a_file_already_in_fp16_byte_for_byte(tmp_path):
+    """Assembly casts every part to the folder's dtype; a part carried over from an earlier fp16 folder must
+    come out byte-identical (else each continued model adds a new copy of it to git history)."""
+    from safetensors.torch import load_file, save_file
+
+    from kimia.train.assemble import cast_safetensors
+
+    f = tmp_path / "part" / "model.safetensors"
+    f.parent.mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_file({"w": torch.randn(4, 3, generator=g), "codebook.weight": torch.randn(5, 2, generator=g),
+               "ids": torch.arange(3)}, str(f), metadata={"format": "pt", "component": "x"})
+    cast_safetensors(f.parent, "float16", keep=("codebook",))
+    once, st = f.read_bytes(), f.stat()
+    t = load_file(str(f))
+    assert t["w"].dtype == torch.float16 and t["codebook.weight"].dtype == torch.float32 and t["ids"].dtype == torch.int64
+    cast_safetensors(f.parent, "float16", keep=("codebook",))
+    # not rewritten at all (a rewrite may reorder the metadata, which safetensors does not keep stable)
+    assert f.read_bytes() == once and (f.stat().st_ino, f.stat().st_mtime_ns) == (st.st_ino, st.st_mtime_ns)

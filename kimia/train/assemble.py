@@ -191,7 +191,8 @@ def assemble_model_folder(out: str | os.PathLike, parts: ModelParts, card: CardI
 
 def cast_safetensors(folder: Path, dtype: str, keep: tuple[str, ...] = ()) -> None:
     """Rewrite every `*.safetensors` under `folder` with its floating-point tensors in `dtype` (metadata kept);
-    tensors whose name contains one of `keep` stay as they are."""
+    tensors whose name contains one of `keep` stay as they are. A file already in `dtype` is left untouched,
+    byte for byte (a part carried over from an earlier folder then adds no new blob to git history)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -202,8 +203,11 @@ def cast_safetensors(folder: Path, dtype: str, keep: tuple[str, ...] = ()) -> No
     for f in sorted(folder.rglob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             meta = st.metadata()
-        sd = {k: (v.to(dt) if v.is_floating_point() and not any(s in k for s in keep) else v).contiguous()
-              for k, v in load_safetensors(f).items()}
+        tensors = load_safetensors(f)
+        cast = {k for k, v in tensors.items() if v.is_floating_point() and v.dtype != dt and not any(s in k for s in keep)}
+        if not cast:
+            continue
+        sd = {k: (v.to(dt) if k in cast else v).contiguous() for k, v in tensors.items()}
         tmp = f.with_name(f.name + ".tmp")
         save_file(sd, str(tmp), metadata=meta)
         os.replace(tmp, f)
