@@ -198,11 +198,12 @@ def resolve_model_folder(model_path: str | os.PathLike, *, load_detokenizer: boo
     if not isinstance(stream, dict):
         raise CheckpointError(f"{root / MANIFEST}: 'stream' must be an object of detokenizer StreamConfig fields")
     padding = doc.get("whisper_padding", "segment") if layout == "native" else "segment"
-    from kimia.encoders.whisper import PADDINGS
+    from kimia.encoders.whisper import check_padding
 
-    if padding not in PADDINGS:
-        raise CheckpointError(f"{root / MANIFEST}: 'whisper_padding' must be one of {', '.join(PADDINGS)}, "
-                              f"got {padding!r}")
+    try:
+        check_padding(padding, "'whisper_padding'")
+    except ConfigError as e:
+        raise CheckpointError(f"{root / MANIFEST}: {e}") from None
     sem_base = sem_delta = None
     if layout == "native" and "semantic_tokenizer_path" not in over and isinstance(comp.get("semantic_tokenizer"), dict) \
             and "delta" in comp["semantic_tokenizer"]:
@@ -382,8 +383,6 @@ def load_model_folder(model_path: str | os.PathLike, *, load_detokenizer: bool =
 
 
 # ------------------------------------------------------------------------------------------ package references
-
-
 def packaged_whisper_reference(name: str) -> dict[str, Any]:
     """The `kimia.json` component entry that references a packaged Whisper encoder (e.g. "base") instead of
     copying it: `{"packaged_whisper": name, "files": [{"package", "version", "file", "sha256"}, ...]}`."""

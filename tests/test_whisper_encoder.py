@@ -254,3 +254,21 @@ def test_clip_padding_batches_like_single_clips_and_full_segments_like_the_offic
         ContinuousFeatureExtractor(enc, padding="none")
     with pytest.raises(ConfigError, match="expects mel"):
         enc(torch.zeros(1, 80, 3002))
+
+
+def test_a_shared_feature_cache_keeps_the_two_paddings_apart(tmp_path):
+    """Training caches features per audio file: a run in the other padding mode must not be served them."""
+    import soundfile as sf
+
+    from kimia.train.data import AudioCache
+
+    torch.manual_seed(0)
+    enc = WhisperEncoder(WhisperEncoderConfig(n_mels=80, d_model=32, n_layers=2, n_heads=4, ffn_dim=64)).eval()
+    wav = tmp_path / "a.wav"
+    sf.write(wav, (torch.randn(20000, generator=torch.Generator().manual_seed(1)) * 0.1).numpy(), 16000)
+    got = {pad: AudioCache(token_offset=0, features=ContinuousFeatureExtractor(enc, padding=pad),
+                           cache_dir=tmp_path / "cache").get(wav)["features"] for pad in ("segment", "clip")}
+    for pad, feats in got.items():
+        direct = ContinuousFeatureExtractor(enc, padding=pad)(wav)[0]
+        torch.testing.assert_close(feats, direct, atol=1e-6, rtol=1e-5)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2

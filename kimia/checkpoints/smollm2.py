@@ -230,7 +230,7 @@ class DeltaLMState:
     """The weights of a delta LM entry before its LoRA factors are folded in."""
 
     config: AudioLMConfig
-    state_dict: dict[str, torch.Tensor]  # base rebuilt from the GGUF with the delta tensors overlaid (unmerged)
+    state_dict: dict[str, torch.Tensor]  # base from the GGUF, delta tensors overlaid, tied head set (unmerged)
     lora: dict[str, torch.Tensor]  # <layer>.lora_A / <layer>.lora_B factors stored instead of merged weights
     scales: dict[str, float]  # <layer> -> alpha / r
     source: str  # what the weights were read from, for messages
@@ -281,6 +281,8 @@ def delta_lm_state_dict(entry: dict[str, Any], root: str | os.PathLike, what: st
     unknown = sorted(n for n in scales if f"{n}.weight" not in sd)
     if unknown:
         raise CheckpointError(f"{what}: LoRA factors for layers the model does not have: {unknown[:4]}")
+    if config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     return DeltaLMState(config, sd, lora, {str(k): float(v) for k, v in scales.items()},
                         f"{base_path.name} + {delta_path}")
 
@@ -301,8 +303,6 @@ def load_delta_lm(entry: dict[str, Any], root: str | os.PathLike, *, device: tor
         from kimia.train.lora import merge_lora_state_dict  # the export's own merge: bit-equal weights
 
         sd = merge_lora_state_dict({**sd, **st.lora}, st.scales)
-    if config.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     with torch.device("meta"):
         model = AudioLM(config, dtype=dtype)
     load_state_dict_strict(model, {k: v.to(device) for k, v in sd.items()},

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from kimia.checkpoints.native import load_native_lm, save_native_lm
 from kimia.errors import ConfigError
 from kimia.lm.config import AudioLMConfig
 from kimia.lm.model import VQAdaptor
-from kimia.train.common import LossOutput, Recipe
+from kimia.train.common import LossOutput, Recipe, copy_folder_files
 from kimia.train.config import OptimConfig, TrainConfig, to_dict
 from kimia.train.data import AudioCache, match_length, read_audio_manifest
 
@@ -327,10 +326,7 @@ class AlignRecipe(Recipe):
         with torch.no_grad():
             lm.model.embed_tokens.weight[self.lm_config.kimia_token_offset:] = state_dict["audio_rows"]
         save_native_lm(lm, folder)
-        for extra in self.init.iterdir():
-            if extra.name not in _NATIVE_FILES:
-                dst = folder / extra.name
-                shutil.copytree(extra, dst, dirs_exist_ok=True) if extra.is_dir() else shutil.copy2(extra, dst)
+        copy_folder_files(self.init, folder, skip=_NATIVE_FILES)
         (folder / "align.json").write_text(json.dumps({"init": str(self.init.resolve()), "held_out": held,
                                                        "logit_scale": float(state_dict["log_scale"].exp())}) + "\n")
         logger.info("exported the aligned LLM folder to %s", folder)

@@ -330,9 +330,9 @@ def write_lm_delta(lm: Path, root: Path, sub: str = "lm", dtype: str | None = No
         dt = resolve_dtype(torch.device("cpu"), dtype)
         delta = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in delta.items()}
     dst.mkdir(parents=True, exist_ok=True)
-    for item in lm.iterdir():
-        if item.name not in ("model.safetensors", "lora.safetensors"):
-            (shutil.copytree(item, dst / item.name, dirs_exist_ok=True) if item.is_dir() else shutil.copy2(item, dst / item.name))
+    from kimia.train.common import copy_folder_files
+
+    copy_folder_files(lm, dst, skip=("model.safetensors", "lora.safetensors"))
     save_file(delta, str(dst / "delta.safetensors"), metadata={"format": "pt", "kimia_component": "lm-delta"})
     from importlib import metadata
 
@@ -372,9 +372,9 @@ def write_semantic_delta(vq: Path, root: Path, whisper: str, sub: str = "semanti
     if len(delta) == len(full):
         return None
     dst.mkdir(parents=True, exist_ok=True)
-    for item in vq.iterdir():
-        if item.name != "model.safetensors":
-            (shutil.copytree(item, dst / item.name, dirs_exist_ok=True) if item.is_dir() else shutil.copy2(item, dst / item.name))
+    from kimia.train.common import copy_folder_files
+
+    copy_folder_files(vq, dst, skip=("model.safetensors",))
     save_file(delta, str(dst / "delta.safetensors"), metadata={"format": "pt", "kimia_component": "semantic-delta"})
     logger.info("semantic tokenizer stored as a delta over packaged Whisper %r: %d of %d tensors", whisper,
                 len(delta), len(full))
@@ -385,19 +385,12 @@ def write_semantic_delta(vq: Path, root: Path, whisper: str, sub: str = "semanti
 def _lora_in_delta(lm: Path, base: dict, full: dict, delta: dict) -> dict[str, float]:
     """Put the LoRA factors of `lm/lora.safetensors` into `delta` for every adapted weight that equals
     base + update exactly (the trunk was frozen under its adapters); returns their scales."""
-    import json as _json
-
-    from safetensors import safe_open
-
-    from kimia.checkpoints.common import load_safetensors
-    from kimia.train.lora import merge_lora_state_dict
+    from kimia.train.lora import merge_lora_state_dict, read_lora_factors
 
     path = lm / "lora.safetensors"
     if not path.is_file():
         return {}
-    with safe_open(str(path), framework="pt") as f:
-        all_scales = _json.loads((f.metadata() or {}).get("scales", "{}"))
-    lora = load_safetensors(path)
+    lora, all_scales = read_lora_factors(path)
     kept: dict[str, float] = {}
     for name, s in all_scales.items():
         w, a, b = f"{name}.weight", f"{name}.lora_A", f"{name}.lora_B"

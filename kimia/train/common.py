@@ -277,6 +277,15 @@ def _dedupe_shared(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     return out, aliases
 
 
+def copy_folder_files(src: Path, dst: Path, skip: Sequence[str] = ()) -> None:
+    """Copy every file and subfolder of `src` into `dst` except the names in `skip` (an export carrying its
+    init folder's tokenizer files, align.json, ...); existing entries are overwritten."""
+    for item in Path(src).iterdir():
+        if item.name not in skip:
+            target = Path(dst) / item.name
+            shutil.copytree(item, target, dirs_exist_ok=True) if item.is_dir() else shutil.copy2(item, target)
+
+
 def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> None:
     tensors, aliases = _dedupe_shared(sd)
     save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})

@@ -94,12 +94,16 @@ class AudioCache:
     """Semantic ids + Whisper features of audio files from frozen encoders, optionally cached on disk.
 
     `semantic(wave [S]) -> ids` (raw codebook ids) and `features(wave [S]) -> [1, N, D]` are the frozen
-    encoders (either may be None). `token_offset` turns codebook ids into LLM ids."""
+    encoders (either may be None). `token_offset` turns codebook ids into LLM ids. Cache entries are keyed by
+    the file (path, size, mtime) and by how the features are made (a `ContinuousFeatureExtractor`'s padding),
+    so one cache folder never serves 30 s-padded features to a clip-padded run or back."""
 
     def __init__(self, *, token_offset: int, semantic: Callable | None = None, features: Callable | None = None,
                  cache_dir: str | os.PathLike | None = None, loader: Callable[[Path], torch.Tensor] | None = None):
         self.offset, self.semantic, self.features = token_offset, semantic, features
         self.dir = Path(cache_dir) if cache_dir else None
+        padding = getattr(features, "padding", "segment")
+        self._mode = "" if padding == "segment" else f"|{padding}"  # segment keys as before: old caches stay valid
         if self.dir:
             self.dir.mkdir(parents=True, exist_ok=True)
         if loader is None:
@@ -108,7 +112,7 @@ class AudioCache:
 
     def _key(self, path: Path) -> str:
         st = path.stat()
-        return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}{self._mode}".encode()).hexdigest()
 
     def get(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
         path = Path(path)

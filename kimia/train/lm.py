@@ -21,7 +21,6 @@ import fnmatch
 import json
 import logging
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from kimia.checkpoints.native import load_native_lm, save_native_lm
 from kimia.errors import ConfigError
 from kimia.lm.config import AudioLMConfig
 from kimia.lm.model import AudioLM, LMOutput
-from kimia.train.common import LossOutput, Recipe
+from kimia.train.common import LossOutput, Recipe, copy_folder_files
 from kimia.train.config import OptimConfig, TrainConfig, to_dict
 from kimia.train.data import LMBatch, collate_lm
 from kimia.train.lora import apply_lora, load_lora_factors, lora_scales, merge_lora_state_dict
@@ -309,10 +308,7 @@ class LMRecipe(Recipe):
 
             save_lora_factors(folder / LORA_FILE, lora_state_dict(state_dict), self._scales)
         if self.init_folder is not None:
-            for extra in self.init_folder.iterdir():
-                if extra.name not in ("config.json", "model.safetensors", LORA_FILE):
-                    dst = folder / extra.name
-                    (shutil.copytree(extra, dst, dirs_exist_ok=True) if extra.is_dir() else shutil.copy2(extra, dst))
+            copy_folder_files(self.init_folder, folder, skip=("config.json", "model.safetensors", LORA_FILE))
         logger.info("exported native LM to %s", folder)
 
     def config_dict(self) -> dict[str, Any]:

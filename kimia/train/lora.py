@@ -174,19 +174,24 @@ def save_lora_factors(path: str | os.PathLike, factors: dict[str, torch.Tensor],
     return Path(path)
 
 
-def load_lora_factors(model: nn.Module, path: str | os.PathLike) -> None:
-    """Start the model's adapters from a `save_lora_factors` file. Strict: the file must hold both factors of
-    exactly the model's adapted layers, in their shapes, with the same scales (same r and alpha)."""
+def read_lora_factors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """(factors, scales) of a `save_lora_factors` file."""
     from safetensors import safe_open
 
     from kimia.checkpoints.common import load_safetensors
 
+    with safe_open(str(path), framework="pt") as f:
+        scales = json.loads((f.metadata() or {}).get("scales", "{}"))
+    return load_safetensors(path), scales
+
+
+def load_lora_factors(model: nn.Module, path: str | os.PathLike) -> None:
+    """Start the model's adapters from a `save_lora_factors` file. Strict: the file must hold both factors of
+    exactly the model's adapted layers, in their shapes, with the same scales (same r and alpha)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"lora.init: adapters file {path} not found")
-    with safe_open(str(path), framework="pt") as f:
-        scales = json.loads((f.metadata() or {}).get("scales", "{}"))
-    factors = load_safetensors(path)
+    factors, scales = read_lora_factors(path)
     layers = lora_layers(model)
     missing = sorted(n for n in layers if f"{n}.lora_A" not in factors or f"{n}.lora_B" not in factors)
     extra = sorted({k.rsplit(".", 1)[0] for k in factors} - set(layers))
@@ -207,4 +212,5 @@ def load_lora_factors(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 __all__ = ["LoRALinear", "apply_lora", "lora_layers", "lora_state_dict", "merge_lora", "unmerge_lora", "strip_lora",
-           "merge_lora_state_dict", "lora_scales", "save_lora_factors", "load_lora_factors"]
+           "merge_lora_state_dict", "lora_scales", "save_lora_factors", "read_lora_factors",
+           "load_lora_factors"]

@@ -317,7 +317,7 @@ class Pipeline:
     def stage_settings(self, stage: str) -> Any:
         """The settings a stage's fingerprint covers (its section; resolved recipe config for training)."""
         if self.seeded(stage):
-            from kimia.eval.runner import folder_fingerprint
+            from kimia.eval.runner import folder_fingerprint  # torch-free, shared with kimia eval
 
             return {"from_model": folder_fingerprint(self.cfg.from_model.folder)}
         if stage in TRAIN_STAGES:
@@ -793,6 +793,7 @@ def _seed_lm(p: Any, out: Path, lora_start: Path) -> int:
     from kimia.checkpoints.official_lm import IGNORED_KEYS
     from kimia.checkpoints.smollm2 import delta_lm_state_dict
     from kimia.lm.model import AudioLM
+    from kimia.train.common import copy_folder_files
     from kimia.train.lora import save_lora_factors
 
     if p.lm_delta is None:
@@ -800,15 +801,11 @@ def _seed_lm(p: Any, out: Path, lora_start: Path) -> int:
         return 0
     st = delta_lm_state_dict(p.lm_delta, p.root, f"from_model {p.root}")
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in st.state_dict.items()}
-    if st.config.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     with torch.device("meta"):
         model = AudioLM(st.config, dtype=torch.float32)
     load_state_dict_strict(model, sd, source=st.source, ignore=IGNORED_KEYS, assign=True)
     save_native_lm(model, out, dtype=torch.float32)
-    for item in p.lm.iterdir():  # tokenizer files, align.json, ...
-        if item.name not in ("config.json", "delta.safetensors", "model.safetensors") and not (out / item.name).exists():
-            (shutil.copytree(item, out / item.name) if item.is_dir() else shutil.copy2(item, out / item.name))
+    copy_folder_files(p.lm, out, skip=("config.json", "delta.safetensors", "model.safetensors"))  # tokenizer, ...
     if st.scales:
         save_lora_factors(lora_start, st.lora, st.scales)
     return len(st.scales)
