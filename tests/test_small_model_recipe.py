@@ -304,3 +304,32 @@ def test_fp16_storage_leaves_a_file_already_in_fp16_byte_for_byte(tmp_path):
     cast_safetensors(f.parent, "float16", keep=("codebook",))
     # not rewritten at all (a rewrite may reorder the metadata, which safetensors does not keep stable)
     assert f.read_bytes() == once and (f.stat().st_ino, f.stat().st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+
+
+def test_saved_parts_are_byte_stable_and_load_unchanged(tmp_path):
+    """Equal tensors and metadata must give equal bytes whenever a part is saved (the semantic-tokenizer delta is
+    rebuilt at every assembly: a reordered header would be a new 2 MB blob per ship). safetensors writes the
+    metadata in hash-map order, so saving 16 times with four keys would differ with near certainty."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from kimia.checkpoints.common import save_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"w": torch.randn(4, 3, generator=g), "codebook.weight": torch.randn(5, 2, generator=g),
+          "ids": torch.arange(3), "h": torch.randn(7, generator=g).half()}
+    meta = {"format": "pt", "kimia_component": "semantic-delta", "scales": json.dumps({"a": 0.5}), "é": "ü\"q\""}
+    f = tmp_path / "delta.safetensors"
+    digests = set()
+    for _ in range(16):
+        save_safetensors(sd, f, metadata=meta)
+        digests.add(hashlib.sha256(f.read_bytes()).hexdigest())
+    assert len(digests) == 1 and not list(tmp_path.glob("*.tmp"))
+    back = load_file(str(f))
+    assert set(back) == set(sd) and all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in sd.items())
+    with safe_open(str(f), framework="pt") as st:
+        assert st.metadata() == meta
+    save_safetensors(sd, f)  # no metadata at all
+    assert set(load_file(str(f))) == set(sd)

@@ -8,7 +8,9 @@ module built on the meta device takes the (possibly memory-mapped) checkpoint te
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -34,6 +36,35 @@ def sha256_file(path: str | os.PathLike) -> str:
                 h.update(chunk)
         _SHA256[key] = h.hexdigest()
     return _SHA256[key]
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Write `tensors` to `path` (atomically, via a temporary file) so that equal tensors and metadata always
+    give the same bytes.
+
+    `safetensors.torch.save_file` orders the tensors deterministically but writes the `__metadata__` entries
+    in hash-map order, which changes from one call to the next: a part saved again unchanged would be a new
+    file (and a new blob in git history). The header is rewritten in place with the metadata keys sorted;
+    its length is unchanged, so the data offsets stay valid and nothing is re-read or copied."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata=dict(metadata) if metadata is not None else None)
+    with open(tmp, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | header
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # same entries, so the same length; padded like the writer pads (spaces)
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
+    os.replace(tmp, path)
+    return path
+
 
 _MAX_LISTED = 20
 

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from kimia.checkpoints.common import save_safetensors
 from kimia.checkpoints.official_lm import load_official_lm
 from kimia.errors import CheckpointError
 from kimia.lm.config import AudioLMConfig
@@ -42,7 +42,7 @@ def save_native_lm(model: AudioLM, folder: str | os.PathLike, *, dtype: torch.dt
     stored = dtype or next(iter(tensors.values())).dtype
     config = AudioLMConfig.from_dict(model.config.to_dict(), torch_dtype=str(stored).replace("torch.", ""))
     config.save_json(folder / CONFIG_FILE)
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "kimia_component": "lm"})
+    save_safetensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt", "kimia_component": "lm"})
     logger.info("saved AudioLM (%d tensors, %s) to %s", len(tensors), stored, folder)
     return folder
 

@@ -387,12 +387,12 @@ def load_vocoder(
 
 def save_vocoder(model: BigVGAN, folder: str | os.PathLike) -> Path:
     """Write the native format: `config.json` + `model.safetensors` with plain (folded) weights."""
-    from safetensors.torch import save_file
+    from kimia.checkpoints.common import save_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = fold_weight_norm_state_dict(model.state_dict())
     sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    save_file(sd, str(folder / NATIVE_WEIGHTS), metadata={"format": "pt", "component": "bigvgan"})
+    save_safetensors(sd, folder / NATIVE_WEIGHTS, metadata={"format": "pt", "component": "bigvgan"})
     (folder / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     return folder

@@ -108,12 +108,12 @@ def load_dit(folder: str | os.PathLike, device=None, dtype: torch.dtype | None =
 
 def save_dit(model: DiT, folder: str | os.PathLike) -> Path:
     """Write the native format: config.json (DiTConfig) + model.safetensors."""
-    from safetensors.torch import save_file
+    from kimia.checkpoints.common import save_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(folder / NATIVE_WEIGHTS), metadata={"format": "pt", "component": "dit"})
+    save_safetensors(sd, folder / NATIVE_WEIGHTS, metadata={"format": "pt", "component": "dit"})
     (folder / NATIVE_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
     return folder
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from kimia.checkpoints.common import sha256_file
+from kimia.checkpoints.common import save_safetensors, sha256_file
 from kimia.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,6 @@ def cast_safetensors(folder: Path, dtype: str, keep: tuple[str, ...] = ()) -> No
     tensors whose name contains one of `keep` stay as they are. A file already in `dtype` is left untouched,
     byte for byte (a part carried over from an earlier folder then adds no new blob to git history)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from kimia.checkpoints.common import load_safetensors
     from kimia.model_folder import resolve_dtype
@@ -208,9 +207,7 @@ def cast_safetensors(folder: Path, dtype: str, keep: tuple[str, ...] = ()) -> No
         if not cast:
             continue
         sd = {k: (v.to(dt) if k in cast else v).contiguous() for k, v in tensors.items()}
-        tmp = f.with_name(f.name + ".tmp")
-        save_file(sd, str(tmp), metadata=meta)
-        os.replace(tmp, f)
+        save_safetensors(sd, f, metadata=meta)
 
 
 def write_card(folder: Path, components: dict[str, Any], files: dict[str, dict[str, Any]], card: CardInfo) -> Path:
@@ -280,8 +277,6 @@ def write_lm_delta(lm: Path, root: Path, sub: str = "lm", dtype: str | None = No
     the two small factors are stored instead of the merged matrix (`lora_scales` in the entry). Returns the
     `kimia.json` entry, or None (whole export copied) when the LM did not start from SmolLM2.
     """
-    from safetensors.torch import save_file
-
     from kimia.checkpoints.common import load_safetensors
     from kimia.checkpoints.smollm2 import (
         base_state_dict,
@@ -333,7 +328,7 @@ def write_lm_delta(lm: Path, root: Path, sub: str = "lm", dtype: str | None = No
     from kimia.train.common import copy_folder_files
 
     copy_folder_files(lm, dst, skip=("model.safetensors", "lora.safetensors"))
-    save_file(delta, str(dst / "delta.safetensors"), metadata={"format": "pt", "kimia_component": "lm-delta"})
+    save_safetensors(delta, dst / "delta.safetensors", metadata={"format": "pt", "kimia_component": "lm-delta"})
     from importlib import metadata
 
     try:
@@ -356,8 +351,6 @@ def write_semantic_delta(vq: Path, root: Path, whisper: str, sub: str = "semanti
     Whisper bit for bit: only the tensors that differ (the codebook, anything that trained) go to
     `<sub>/delta.safetensors`; the `kimia.json` entry `{base: <package reference>, delta, config}` names the
     rest, verified by sha256 at load. Returns None (nothing shared: copy the folder) otherwise."""
-    from safetensors.torch import save_file
-
     from kimia.checkpoints.common import load_safetensors
     from kimia.encoders.whisper import PACKAGED_NAMES, load_whisper_encoder
     from kimia.model_folder import packaged_whisper_reference
@@ -375,7 +368,7 @@ def write_semantic_delta(vq: Path, root: Path, whisper: str, sub: str = "semanti
     from kimia.train.common import copy_folder_files
 
     copy_folder_files(vq, dst, skip=("model.safetensors",))
-    save_file(delta, str(dst / "delta.safetensors"), metadata={"format": "pt", "kimia_component": "semantic-delta"})
+    save_safetensors(delta, dst / "delta.safetensors", metadata={"format": "pt", "kimia_component": "semantic-delta"})
     logger.info("semantic tokenizer stored as a delta over packaged Whisper %r: %d of %d tensors", whisper,
                 len(delta), len(full))
     return {"base": packaged_whisper_reference(whisper), "delta": f"{sub}/delta.safetensors",
@@ -425,8 +418,6 @@ def write_random_whisper(folder: Path, preset: str, seed: int = 0) -> Path:
     """A seeded random Whisper encoder in the HF folder layout (config.json + `encoder.*` safetensors), the
     format the LM recipe's frozen-feature loader and `kimia.model_folder` both read (tests, smoke runs)."""
     import torch
-    from safetensors.torch import save_file
-
     from kimia.encoders.layers import init_encoder_weights
     from kimia.encoders.whisper import WhisperEncoder, WhisperEncoderConfig
 
@@ -434,7 +425,7 @@ def write_random_whisper(folder: Path, preset: str, seed: int = 0) -> Path:
     enc = WhisperEncoder(cfg)
     init_encoder_weights(enc, torch.Generator().manual_seed(seed))
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({f"encoder.{k}": v.contiguous() for k, v in enc.state_dict().items()}, str(folder / "model.safetensors"))
+    save_safetensors({f"encoder.{k}": v for k, v in enc.state_dict().items()}, folder / "model.safetensors")
     hf = {"model_type": "whisper", "activation_function": "gelu", "num_mel_bins": cfg.n_mels, "d_model": cfg.d_model,
           "encoder_layers": cfg.n_layers, "encoder_attention_heads": cfg.n_heads, "encoder_ffn_dim": cfg.ffn_dim,
           "max_source_positions": cfg.max_source_positions}

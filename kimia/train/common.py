@@ -59,9 +59,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from kimia.checkpoints.common import save_safetensors
 from kimia.errors import CheckpointError, ConfigError
 from kimia.train.config import OptimConfig, TrainConfig, dump_config
 
@@ -288,7 +289,7 @@ def copy_folder_files(src: Path, dst: Path, skip: Sequence[str] = ()) -> None:
 
 def save_state_dict(sd: dict[str, torch.Tensor], path: Path) -> None:
     tensors, aliases = _dedupe_shared(sd)
-    save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    save_safetensors(tensors, path, metadata={"format": "pt", "aliases": json.dumps(aliases)})
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

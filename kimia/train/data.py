@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from kimia.checkpoints.common import save_safetensors
 from kimia.errors import ConfigError, PromptError
 from kimia.lm.model import scatter_continuous
 from kimia.prompt import PromptBatch, PromptBuilder, collate
@@ -133,9 +134,7 @@ class AudioCache:
                 n = out["audio_tokens"].numel() if "audio_tokens" in out else f.shape[0]
                 out["features"] = f[:n].float().cpu().contiguous()
         if cached is not None:
-            tmp = cached.with_suffix(".tmp")
-            save_file(out, str(tmp))
-            os.replace(tmp, cached)
+            save_safetensors(out, cached)
         return out
 
 

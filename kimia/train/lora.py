@@ -167,11 +167,9 @@ def lora_scales(model: nn.Module) -> dict[str, float]:
 
 def save_lora_factors(path: str | os.PathLike, factors: dict[str, torch.Tensor], scales: dict[str, float]) -> Path:
     """Write adapters (<layer>.lora_A / .lora_B) with their scales (alpha / r) in the file's metadata."""
-    from safetensors.torch import save_file
+    from kimia.checkpoints.common import save_safetensors
 
-    save_file({k: v.contiguous() for k, v in factors.items()}, str(path),
-              metadata={"format": "pt", "scales": json.dumps(scales)})
-    return Path(path)
+    return save_safetensors(factors, path, metadata={"format": "pt", "scales": json.dumps(scales)})
 
 
 def read_lora_factors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -770,14 +770,13 @@ def _seed_semantic(p: Any, out: Path) -> None:
     import shutil
 
     import torch
-    from safetensors.torch import save_file
-
+    from kimia.checkpoints.common import save_safetensors
     from kimia.model_folder import load_semantic
 
     tok = load_semantic(p.semantic_tokenizer, torch.device("cpu"), base=p.semantic_base, delta=p.semantic_delta)
     out.mkdir(parents=True)
-    save_file({k: v.detach().float().contiguous() for k, v in tok.encoder.state_dict().items()},
-              str(out / "model.safetensors"), metadata={"format": "pt", "component": "semantic_tokenizer"})
+    save_safetensors({k: v.detach().float() for k, v in tok.encoder.state_dict().items()},
+                     out / "model.safetensors", metadata={"format": "pt", "component": "semantic_tokenizer"})
     shutil.copy2(p.semantic_tokenizer / "config.json", out / "config.json")
 
 

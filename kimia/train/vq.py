@@ -40,11 +40,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from kimia import audio as kaudio
-from kimia.checkpoints.common import load_state_dict_strict
+from kimia.checkpoints.common import load_state_dict_strict, save_safetensors
 from kimia.encoders.layers import EncoderLayer, LayerNorm, init_encoder_weights
 from kimia.encoders.semantic import HOP_LENGTH, SemanticEncoder, SemanticTokenizerConfig, block_causal_mask, nearest_code
 from kimia.errors import ConfigError
@@ -449,7 +448,7 @@ class VQRecipe(Recipe):
             enc = SemanticEncoder(self.enc_cfg)
         load_state_dict_strict(enc, sd, source="trained VQ state", assign=True)  # strict check of the names
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt", "component": "semantic_tokenizer"})
+        save_safetensors(sd, folder / "model.safetensors", metadata={"format": "pt", "component": "semantic_tokenizer"})
         (folder / "config.json").write_text(json.dumps(hf_config(self.enc_cfg, self.cfg.vq), indent=2) + "\n")
         logger.info("exported semantic tokenizer to %s", folder)
 
