@@ -76,6 +76,28 @@ def test_tiny_model_run_resume_and_reports(predictor, tmp_path):
     assert (run / "report.md").is_file() and (run / "plots" / "wer_by_subset.png").is_file()
 
 
+def test_read_instead_of_heard_sends_the_transcript_alone(predictor, tmp_path):
+    """`spoken_qa_text` asks the same items as text (their audio_content), never the audio: the answers are
+    KimiAudio's answers to that one text message, and `real_prompt` records what was sent."""
+    rows = []
+    for i, q in enumerate(("What is two plus two?", "Count from one to three.")):
+        sf.write(tmp_path / f"q{i}.wav", np.zeros(8000, np.float32), 16000)  # silence: must not be what is asked
+        rows.append({"index": f"q{i}", "audio_path": f"q{i}.wav", "question": "", "answer": "four",
+                     "key": "four", "audio_content": q, "subset": "s"})
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    man = load_manifest(tmp_path / "qa.jsonl")
+    recipe = load_recipe("spoken_qa_text").with_overrides(max_new_tokens=4)
+    run_dataset(man, predictor, recipe, tmp_path / "run", batch_size=2, progress=False)
+    merged = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    for it, rec in zip(man.items, merged):
+        msgs = recipe.messages(it.question, [str(p) for p in it.audio_paths], it.prompt_fields)
+        assert msgs == [{"role": "user", "message_type": "text", "content": rec["audio_content"]}]
+        assert rec["real_prompt"] == rec["audio_content"]
+        _, text = predictor.model.generate(msgs, output_type="text", **recipe.sampling)
+        assert rec["prediction"] == text
+    assert score_run(tmp_path / "run", dataset="qa", model="tiny")["eval_method"] == "key_qa"
+
+
 def test_spoken_answers_are_heard_by_an_independent_recognizer(tmp_path):
     """`spoken_answer`: text + speech per item, the wav written, Whisper base's transcript stored, WER of the
     transcript against the model's own text, key checks, first-audio time and real-time factor reported."""

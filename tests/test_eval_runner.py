@@ -144,6 +144,16 @@ def test_builtin_recipes_load_and_render():
     assert conv.messages("ignored", ["q.wav"]) == [{"role": "user", "message_type": "audio", "content": "q.wav"}]
     with pytest.raises(ConfigError, match="unknown sampling"):
         Recipe(name="x", task="asr", metric="wer", sampling={"temprature": 1})
+    # read instead of heard: the transcript alone, no audio message; an item without one is refused
+    read = load_recipe("spoken_qa_text")
+    assert read.messages("", ["q.wav"], {"audio_content": "What is two plus two?"}) == [
+        {"role": "user", "message_type": "text", "content": "What is two plus two?"}]
+    with pytest.raises(ConfigError, match="instead of the audio"):
+        read.messages("", ["q.wav"], {"audio_content": ""})
+    with pytest.raises(ConfigError, match="needs one"):
+        Recipe(name="x", task="spoken_qa", metric="key_qa", prompt="", prompt_position="instead")
+    with pytest.raises(ConfigError, match="prompt_position"):
+        Recipe(name="x", task="spoken_qa", metric="key_qa", prompt_position="beside")
     with pytest.raises(ConfigError, match="unknown recipe"):
         load_recipe("no-such-recipe")
 

@@ -68,6 +68,12 @@ class EvalItem:
     record: dict[str, Any] = field(default_factory=dict)
     duration: float | None = None  # seconds, summed over the item's audio files, filled by validation
 
+    @property
+    def prompt_fields(self) -> dict[str, Any]:
+        """The values a recipe's prompt may name besides `{question}`: the record's `audio_content` (what its
+        audio says, '' when the manifest does not give it) and every `meta` key."""
+        return {"audio_content": str(self.record.get("audio_content") or ""), **self.meta}
+
 
 @dataclass
 class BadRow:

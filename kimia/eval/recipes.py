@@ -5,8 +5,10 @@ recipe is a small YAML file instead, so the exact settings behind a figure are s
 runner writes the resolved recipe into every metrics JSON and the Markdown report).
 
 Fields: `name`, `task`, `description`, `prompt` (a `str.format` template over the item's fields:
-`{question}`, `{answer_options}`, any `meta` key; empty = no text message), `default_question` (used
-when an item's question is empty), `prompt_position` (`before` / `after` the audio, or `none`),
+`{question}`, `{answer_options}`, `{audio_content}` (what the audio says), any `meta` key; empty = no text
+message), `default_question` (used when an item's question is empty), `prompt_position` (`before` / `after`
+the audio, `none` (audio alone), or `instead` (the text alone, the audio not sent: a read-not-heard control,
+e.g. `{audio_content}` of spoken questions, which separates knowing an answer from hearing the question)),
 `output_type` (`text` / `both`), `metric` (`wer`, `choice`, `label`, `ref_qa`, `key_qa` (the record's
 `key` in the answer), `token_f1`, `judge_score`, `speech_wer` (spoken answers, see kimia.eval.speech)), `lang` (optional, for WER), `sampling` (keyword arguments of `KimiAudio.generate`).
 Built-in recipes live in `kimia/eval/recipes/*.yaml`; `--recipe` also takes a path to a YAML file.
@@ -25,9 +27,10 @@ import yaml
 
 from kimia.errors import ConfigError
 
-__all__ = ["Recipe", "load_recipe", "builtin_recipes", "recipe_for_task", "TASKS", "METRICS", "SAMPLING_KEYS"]
+__all__ = ["Recipe", "load_recipe", "builtin_recipes", "recipe_for_task", "TASKS", "METRICS", "PROMPT_POSITIONS", "SAMPLING_KEYS"]
 
 METRICS = ("wer", "choice", "label", "ref_qa", "key_qa", "token_f1", "judge_score", "speech_wer")
+PROMPT_POSITIONS = ("before", "after", "none", "instead")
 SAMPLING_KEYS = ("audio_temperature", "audio_top_k", "text_temperature", "text_top_k",
                  "audio_repetition_penalty", "audio_repetition_window_size", "text_repetition_penalty",
                  "text_repetition_window_size", "max_new_tokens")
@@ -60,8 +63,10 @@ class Recipe:
             raise ConfigError(f"recipe '{self.name}': unknown metric '{self.metric}' (one of {', '.join(METRICS)})")
         if self.output_type not in ("text", "both"):
             raise ConfigError(f"recipe '{self.name}': output_type must be 'text' or 'both', got '{self.output_type}'")
-        if self.prompt_position not in ("before", "after", "none"):
-            raise ConfigError(f"recipe '{self.name}': prompt_position must be before/after/none")
+        if self.prompt_position not in PROMPT_POSITIONS:
+            raise ConfigError(f"recipe '{self.name}': prompt_position must be one of {'/'.join(PROMPT_POSITIONS)}")
+        if self.prompt_position == "instead" and not self.prompt.strip():
+            raise ConfigError(f"recipe '{self.name}': prompt_position 'instead' sends the prompt alone, so it needs one")
         unknown = set(self.sampling) - set(SAMPLING_KEYS)
         if unknown:
             raise ConfigError(f"recipe '{self.name}': unknown sampling keys {sorted(unknown)}")
@@ -110,8 +115,14 @@ class Recipe:
             raise ConfigError(f"recipe '{self.name}': prompt field {exc} is not in the item") from exc
 
     def messages(self, question: str, audio_paths: list[str], meta: dict | None = None) -> list[dict]:
-        """Kimi-Audio chat messages: [user text] + one user audio message per file (text first by default)."""
+        """Kimi-Audio chat messages: [user text] + one user audio message per file (text first by default);
+        the text alone for `instead`."""
         text = self.render(question, meta)
+        if self.prompt_position == "instead":
+            if not text:
+                raise ConfigError(f"recipe '{self.name}' sends its prompt instead of the audio, but it is empty for "
+                                  f"this item (a field it names, e.g. audio_content, is empty)")
+            return [{"role": "user", "message_type": "text", "content": text}]
         audio = [{"role": "user", "message_type": "audio", "content": str(p)} for p in audio_paths]
         if not text:
             return audio

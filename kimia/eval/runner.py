@@ -116,7 +116,7 @@ class KimiAudioPredictor:
 
             return speak_batch(self._get(True), items, recipe, (self.run_dir or Path("eval_result")) / "audio")
         model = self._get(False)
-        chats = [recipe.messages(it.question, [str(p) for p in it.audio_paths], it.meta) for it in items]
+        chats = [recipe.messages(it.question, [str(p) for p in it.audio_paths], it.prompt_fields) for it in items]
         kwargs = {"output_type": recipe.output_type, **recipe.sampling}
         if len(chats) > 1 and hasattr(model, "generate_batch"):
             outs = model.generate_batch(chats, **kwargs)
@@ -266,7 +266,7 @@ def run_dataset(manifest: Manifest, predictor: Predictor, recipe: Recipe, run_di
                 batch = todo[start:start + batch_size]
                 answers = _predict_safely(predictor, batch, recipe)
                 for it, ans in zip(batch, answers):
-                    prompt = recipe.render(it.question, it.meta)
+                    prompt = recipe.render(it.question, it.prompt_fields)
                     row = {"index": it.index, "real_prompt": prompt, "duration": it.duration}
                     if isinstance(ans, Exception):
                         row.update(prediction=None, error=f"{type(ans).__name__}: {ans}")

@@ -46,7 +46,7 @@ def speak_batch(model: Any, items: Sequence[Any], recipe: Any, audio_dir: Path) 
     audio_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for it in items:
-        messages = recipe.messages(it.question, [str(p) for p in it.audio_paths], it.meta)
+        messages = recipe.messages(it.question, [str(p) for p in it.audio_paths], it.prompt_fields)
         t0 = time.perf_counter()
         first, wav, text = None, None, ""
         for ev in model.generate_stream(messages, **{**recipe.sampling, "output_type": "both"}):

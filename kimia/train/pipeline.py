@@ -74,6 +74,7 @@ DEPENDS = {"corpus": (), "whisper": (), "vq": ("corpus",), "lm_init": ("whisper"
 EVAL_TASKS: dict[str, tuple[str, str, dict[str, str]]] = {
     "asr": ("asr", "asr", {}),
     "spoken_qa": ("spoken_qa", "spoken_qa", {}),
+    "spoken_qa_text": ("spoken_qa", "spoken_qa_text", {}),  # the same questions read, not heard (no floor)
     "speech": ("spoken_qa", "spoken_answer", {}),
     "sound": ("sound", "sound_event", {"category": "classify"}),
     "caption": ("sound", "captioning", {"category": "caption"}),
