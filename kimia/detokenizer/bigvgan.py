@@ -392,7 +392,7 @@ def save_vocoder(model: BigVGAN, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = fold_weight_norm_state_dict(model.state_dict())
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    sd = {k: v.detach().to("cpu") for k, v in sd.items()}
     save_safetensors(sd, folder / NATIVE_WEIGHTS, metadata={"format": "pt", "component": "bigvgan"})
     (folder / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     return folder

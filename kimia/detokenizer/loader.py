@@ -112,7 +112,7 @@ def save_dit(model: DiT, folder: str | os.PathLike) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     save_safetensors(sd, folder / NATIVE_WEIGHTS, metadata={"format": "pt", "component": "dit"})
     (folder / NATIVE_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
     return folder

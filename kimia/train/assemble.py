@@ -206,7 +206,7 @@ def cast_safetensors(folder: Path, dtype: str, keep: tuple[str, ...] = ()) -> No
         cast = {k for k, v in tensors.items() if v.is_floating_point() and v.dtype != dt and not any(s in k for s in keep)}
         if not cast:
             continue
-        sd = {k: (v.to(dt) if k in cast else v).contiguous() for k, v in tensors.items()}
+        sd = {k: (v.to(dt) if k in cast else v) for k, v in tensors.items()}
         save_safetensors(sd, f, metadata=meta)
 
 

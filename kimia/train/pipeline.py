@@ -771,6 +771,7 @@ def _seed_semantic(p: Any, out: Path) -> None:
     import shutil
 
     import torch
+
     from kimia.checkpoints.common import save_safetensors
     from kimia.model_folder import load_semantic
 
