@@ -333,7 +333,8 @@ def mel_filters(n_mels: int, sr: int = SAMPLE_RATE, n_fft: int = N_FFT, device=N
     device = torch.device(device or "cpu")
     key = (int(n_mels), int(sr), int(n_fft), str(device))
     if key not in _MEL_CACHE:
-        _MEL_CACHE[key] = torch.from_numpy(_mel_filters_np(n_mels, sr, n_fft).astype(np.float32)).to(device)
+        with torch.inference_mode(False):  # cached for every later caller, training ones included
+            _MEL_CACHE[key] = torch.from_numpy(_mel_filters_np(n_mels, sr, n_fft).astype(np.float32)).to(device)
     return _MEL_CACHE[key]
 
 

@@ -240,3 +240,49 @@ def test_task_weights_share_out_the_hours(tmp_path):
         SynthConfig(out=tmp_path, hours=0.2, engines=("espeak",), tasks=("asr",), task_weights={"sound": 1.0})
     with pytest.raises(ConfigError, match="task_weights"):
         SynthConfig(out=tmp_path, hours=0.2, engines=("espeak",), tasks=("asr",), task_weights={"asr": 0})
+
+
+def test_speak_task_reads_text_aloud_and_is_counted_on_its_answers(tmp_path, capsys):
+    """The opt-in speak task: a text prompt, the same words spoken back in the output voice. Its share of the
+    hours is counted on those answers (it has no input audio); a spoken-QA answer it reads keeps the split of
+    its question; and the default task set, hence every earlier corpus plan, is unchanged by it."""
+    from kimia.data.synth import TASKS
+    from kimia.data.texts import SPEAK_INSTRUCTIONS
+    from kimia.errors import ConfigError
+
+    assert "speak" not in TASKS and SynthConfig(out=tmp_path, hours=1.0).tasks == TASKS
+    with pytest.raises(ConfigError, match="unknown task"):
+        SynthConfig(out=tmp_path, hours=1.0, tasks=("speak", "sing"))
+
+    out_voice = resolve_output_voice("espeak:en-us+m3", ["espeak"])
+    for k in range(0, 120, 2):  # even items read a spoken-QA answer, in the split of the question it answers
+        item = make_item("speak", k, 5, ["espeak"], out_voice, 0.3)
+        qa = spoken_question(random.Random(f"5:speak:{k}"), ("arithmetic", "counting", "facts", "instructions")[(k // 2) % 4])
+        assert item["category"] == "answer" and item["answer"] == qa.answer
+        assert item["split"] == split_of(qa.question, 0.3)
+    sentence = make_item("speak", 1, 5, ["espeak"], out_voice, 0.3)
+    assert sentence["category"] == "sentence" and sentence["split"] == split_of(sentence["answer"], 0.3)
+
+    out = tmp_path / "corpus"
+    hours = 0.004
+    assert data_cli.main(["synth", "--out", str(out), "--hours", str(hours), "--seed", "2", "--jobs", "1",
+                          "--engines", "espeak", "--tasks", "asr", "speak", "--output-voice", "espeak:en-us+m3",
+                          "--eval-fraction", "0", "--no-judge", "--no-progress"]) == 0
+    assert "spoken answers per task: speak" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    budget = hours * 3600 / 2
+    assert summary["hours"]["target_per_task"]["speak"] * 3600 >= budget  # counted on its spoken answers
+    assert summary["hours"]["per_task"]["asr"] * 3600 >= budget
+    assert "speak" not in summary["hours"]["per_task"] and summary["hours"]["input"] == summary["hours"]["per_task"]["asr"]
+    rows = read_manifest(out / "manifests" / "speak_train.jsonl")
+    convs = [c for c in read_conversations(out / "finetune" / "train.jsonl") if c["task"] == "speak"]
+    assert rows and len(convs) == len(rows) == summary["items"]["accepted_per_task"]["speak"]
+    for r, c in zip(rows, convs):
+        assert r["audio_path"] is None and r["duration"] == 0 and r["target_text"] == r["answer"]
+        assert sf.info(r["target_audio_path"]).samplerate == 24000
+        prompt, answer = c["conversation"]
+        assert c["task_type"] == "speech2speech"
+        assert prompt["role"] == "user" and prompt["message_type"] == "text" and prompt["content"] == r["question"]
+        assert any(t.format(text=r["answer"]) == prompt["content"] for t in SPEAK_INSTRUCTIONS)
+        assert answer["role"] == "assistant" and answer["message_type"] == "audio-text"
+        assert answer["content"][1] == r["answer"] and Path(answer["content"][0]).is_file()

@@ -143,6 +143,21 @@ def test_spoken_answers_are_heard_by_an_independent_recognizer(tmp_path):
     assert perf["overall"]["key_in_speech"] == 50.0 and perf["overall"]["rtf"] == 0.6 and perf["overall"]["silent"] == 1
 
 
+def test_spoken_wer_counts_words_as_said():
+    """A recognizer may write a spoken number as digits: "Five, four, three." heard as "5, 4, 3" is no error.
+    The kit normaliser (kept as wer_kit) joins number words into one number and so counts it wrong."""
+    from kimia.eval.report import _contains
+    from kimia.eval.speech import score_spoken, spoken_errors
+
+    assert spoken_errors("Five, four, three, two, one.", "5, 4, 3, 2, 1")[:2] == (0, 5)
+    assert spoken_errors("Eight times six is forty eight.", "8 times 6 is 48.")[:2] == (0, 6)
+    assert spoken_errors("Orange comes first.", "The ring comes first.")[:2] == (2, 3)
+    recs = [{"index": 0, "key": "five, four", "prediction": json.dumps(
+        {"text": "Five, four, three, two, one.", "transcript": "5, 4, 3, 2, 1", "audio_s": 1.0, "gen_s": 0.5})}]
+    overall = score_spoken({"s": recs}, _contains)[0]["overall"]
+    assert overall["wer"] == 0.0 and overall["wer_kit"] > 0
+
+
 def test_key_qa_scores_the_answer_key():
     from kimia.eval.report import score_records
 

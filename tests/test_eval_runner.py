@@ -314,6 +314,10 @@ def test_cli_run_reeval_and_list(tmp_path, monkeypatch, capsys):
     assert eval_main(["--data", str(m), "--reeval", "--model-name", "scripted", "--work-dir", str(tmp_path / "w"),
                       "--no-plots"]) == 0
     assert json.loads((run / "metrics.json").read_text())["performance"]["overall"]["wer"] == 0.0
+    # --reeval of a run that never happened: a clear error, not a traceback
+    assert eval_main(["--data", str(m), "--reeval", "--model-name", "other", "--work-dir", str(tmp_path / "w"),
+                      "--no-plots"]) == 2
+    assert "no stored predictions to score" in capsys.readouterr().err
     assert eval_main(["--list"]) == 0
     assert "asr" in capsys.readouterr().out
     assert eval_main(["--data", str(tmp_path / "nope.jsonl"), "--model", "x"]) == 2

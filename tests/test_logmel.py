@@ -136,3 +136,25 @@ def test_logmel_shapes_and_errors():
         log_mel_spectrogram(torch.randn(100))
     with pytest.raises(AudioError, match="must be"):
         log_mel_spectrogram(torch.randn(1, 1, 1000))
+
+
+def test_cached_mel_constants_survive_an_inference_mode_first_caller():
+    """The filterbanks and windows are cached per device: made first under torch.inference_mode (an eval
+    tool), they must still serve a later differentiable call (vocoder training's mel loss)."""
+    from kimia import audio as whisper_audio
+    from kimia.detokenizer import mel as mel24
+
+    mel24._WINDOWS.clear()
+    mel24._FILTERS.clear()
+    whisper_audio._MEL_CACHE.clear()
+    wav = torch.randn(1, 4800)
+    with torch.inference_mode():
+        mel24.mel_spectrogram(wav)
+        whisper_audio.mel_filters(80)
+    x = wav.clone().requires_grad_(True)
+    mel24.mel_spectrogram(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    f = whisper_audio.mel_filters(80)
+    w = torch.ones(f.shape[0], requires_grad=True)
+    (w @ f).sum().backward()
+    assert not f.is_inference()

@@ -50,6 +50,13 @@ def test_every_stage_finished_with_a_marker(run):
     assert Path(lm_run["model"]["init"]) == work / "align" / "export"  # the LLM trains from the aligned folder
     tok = json.loads((work / "tokenize" / MARKER).read_text())["info"]["train"]
     assert tok["kept"] > 0
+    # the speak task (text in, its words spoken back) reaches the LM as a text prompt + a spoken answer, and its
+    # answers are DiT training speech
+    speak = [json.loads(line) for line in (work / "tokenize" / "train.jsonl").read_text().splitlines()
+             if json.loads(line)["task"] == "speak"]
+    assert speak and all([m["message_type"] for m in r["conversation"]] == ["text", "audio-text"] for r in speak)
+    dit_run = yaml.safe_load((work / "dit" / "config.yaml").read_text())
+    assert any(Path(p).name == "speak_train.jsonl" for p in dit_run["data"]["manifests"])
     # every conversation's audio carries the trained VQ's ids (LLM ids: codebook id + offset)
     lm_cfg = json.loads((work / "lm_init" / "model" / "config.json").read_text())
     codebook = json.loads((work / "vq" / "export" / "config.json").read_text())["quantize_vocab_size"]
@@ -96,6 +103,12 @@ def test_eval_ran_on_the_toy_eval_manifest(run):
     metrics = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
     assert metrics["counts"]["scored"] >= 1
     assert (Path(r["run_dir"]) / "predictions.jsonl").read_text().strip()
+    # the speech chain ran on the held-out spoken answers and its row is in the card
+    chain = summary["chain"]
+    assert chain["items"] >= 1 and set(chain["value"]) >= {"wer", "original", "vocoder", "lm_code_accuracy"}
+    assert json.loads((Path(chain["run_dir"]) / "chain.json").read_text())["rows"] == chain["items"]
+    card = (work / "assemble" / "model" / "README.md").read_text()
+    assert "| chain | chain | resynthesis WER |" in card
 
 
 def test_rerun_does_no_work(run):

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
-    from kimia.data.synth import TASKS
+    from kimia.data.synth import ALL_TASKS, EXTRA_TASKS, TASKS
 
     p = subparsers.add_parser("data", help="build training/evaluation data (synthetic speech corpus)")
     sub = p.add_subparsers(dest="data_command", required=True)
@@ -29,8 +29,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
     s.add_argument("--engines", nargs="+", default=list(ENGINE_NAMES), choices=ENGINE_NAMES, metavar="ENGINE",
                    help=f"engines to use when installed (default all: {' '.join(ENGINE_NAMES)})")
-    s.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
-                   help=f"tasks (default all: {' '.join(TASKS)})")
+    s.add_argument("--tasks", nargs="+", default=list(TASKS), choices=ALL_TASKS, metavar="TASK",
+                   help=f"tasks (default: {' '.join(TASKS)}; opt-in: {' '.join(EXTRA_TASKS)})")
     s.add_argument("--task-weight", nargs="+", default=[], metavar="TASK=W",
                    help="share of the hours per task, e.g. asr=3 spoken_qa=1.2 (unnamed tasks: 1)")
     s.add_argument("--no-augment", action="store_true", help="no channel augmentation of the train split")

@@ -155,17 +155,19 @@ def eval_record(rec: dict) -> dict:
     """One evaluation-kit record (index, audio_path, question, answer, subset) plus the task fields."""
     ins = _input_clips(rec)
     tg = [c for c in rec["clips"] if c["kind"] == "target"]
-    voice = _clip_voice(ins[0])
+    voice = _clip_voice(ins[0]) if ins else None  # a speak item has no input audio: its prompt is text
+    said = (ins or tg)[-1]
     wers = [v["wer"] for v in (rec.get("verdicts") or {}).values()]
     return {
         "index": rec["id"],
-        "audio_path": _from_manifest_dir(ins[0]["path"] if len(ins) == 1 else [c["path"] for c in ins]),
+        "audio_path": (None if not ins else _from_manifest_dir(ins[0]["path"]) if len(ins) == 1
+                       else _from_manifest_dir([c["path"] for c in ins])),
         "question": rec["question"], "answer": rec["answer"], "subset": rec["category"],
         "task": rec["task"], "category": rec["category"], "split": rec["split"], "key": rec["key"],
-        "text": ins[-1]["text"], "audio_content": ins[-1]["text"],
+        "text": said["text"], "audio_content": said["text"] if ins else None,
         "voice": f"{voice['engine']}:{voice['name']}" if voice else None,
-        "engine": voice["engine"] if voice else "sound", "gender": voice["gender"] if voice else None,
-        "speed": ins[-1].get("speed", 1.0), "pitch": ins[-1].get("pitch", 1.0),
+        "engine": voice["engine"] if voice else "sound" if ins else None, "gender": voice["gender"] if voice else None,
+        "speed": said.get("speed", 1.0), "pitch": said.get("pitch", 1.0),
         "labels": rec.get("labels", {}), "history": rec.get("history", []),
         "duration": round(sum(c["duration"] for c in ins), 4),
         "target_audio_path": _from_manifest_dir(tg[-1]["path"]) if tg else None, "target_text": tg[-1]["text"] if tg else None,
@@ -185,6 +187,10 @@ def conversation_record(rec: dict) -> dict:
                 conv += [user_audio(_from_manifest_dir(clips[u]["path"])),
                          assistant_audio_text(_from_manifest_dir(clips[a]["path"]), clips[a]["text"])]
         return {"task_type": "speech2speech", "task": rec["task"], "conversation": conv}
+    if rec["task"] == "speak":  # text in, the same text spoken out
+        return {"task_type": "speech2speech", "task": rec["task"],
+                "conversation": [user_text(rec["question"]),
+                                 assistant_audio_text(_from_manifest_dir(clips["a0"]["path"]), clips["a0"]["text"])]}
     return {"task_type": "understanding", "task": rec["task"],
             "conversation": [user_text(rec["question"]), user_audio(_from_manifest_dir(clips["u0"]["path"])),
                              assistant_text(rec["answer"])]}
@@ -205,7 +211,8 @@ def summarize(recs: list[dict], cfg, engines: list[str], missing: list[str], out
               wall_s: float) -> dict:
     """Hours per task / engine / voice / split, rejection rates, and this run's counters."""
     acc = [r for r in recs if r["status"] == "accepted"]
-    hours: dict = {k: {} for k in ("per_task", "per_engine", "per_voice", "per_split", "per_category")}
+    hours: dict = {k: {} for k in ("per_task", "per_engine", "per_voice", "per_split", "per_category",
+                                   "target_per_task")}
 
     def add(table: dict, key: str, secs: float):
         table[key] = table.get(key, 0.0) + secs / 3600.0
@@ -213,19 +220,24 @@ def summarize(recs: list[dict], cfg, engines: list[str], missing: list[str], out
     tgt = 0.0
     for r in acc:
         e = eval_record(r)
+        if e["target_duration"]:
+            add(hours["target_per_task"], r["task"], e["target_duration"])
+        tgt += e["target_duration"] / 3600.0
+        if not _input_clips(r):  # speak: no input audio (its spoken answers are in target_per_task)
+            continue
         add(hours["per_task"], r["task"], e["duration"])
         add(hours["per_engine"], e["engine"], e["duration"])
         add(hours["per_voice"], e["voice"] or "sound", e["duration"])
         add(hours["per_split"], r["split"], e["duration"])
         add(hours["per_category"], f"{r['task']}/{r['category']}", e["duration"])
-        tgt += e["target_duration"] / 3600.0
     for t in hours.values():
         for k in t:
             t[k] = round(t[k], 6)
     by_task: dict = {}
     by_engine: dict = {}
     for r in recs:
-        v = _clip_voice(_input_clips(r)[0])
+        ins = _input_clips(r)
+        v = _clip_voice(ins[0]) if ins else r["clips"][0]["voice"]
         for table, key in ((by_task, r["task"]), (by_engine, v["engine"] if v else "sound")):
             n, bad = table.get(key, (0, 0))
             table[key] = (n + 1, bad + (r["status"] != "accepted"))
@@ -270,6 +282,9 @@ def format_summary(s: dict) -> str:
         rej = s.get(f"rejection_rate_per_{title}", {})
         lines.append(f"minutes per {title}: " + ", ".join(
             f"{k} {v * 60:.2f}" + (f" (rej {rej[k]:.0%})" if k in rej else "") for k, v in sorted(h[key].items())))
+    if h.get("target_per_task"):
+        lines.append("minutes of spoken answers per task: " + ", ".join(
+            f"{k} {v * 60:.2f}" for k, v in sorted(h["target_per_task"].items())))
     lines.append(f"voices: {len(h['per_voice'])} distinct; run: {s['run']}")
     return "\n".join(lines)
 

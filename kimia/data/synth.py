@@ -44,7 +44,10 @@ from kimia.errors import ConfigError, KimiaError
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("asr", "spoken_qa", "dialogue", "style", "sound")
+TASKS = ("asr", "spoken_qa", "dialogue", "style", "sound")  # the default set (`tasks` left empty)
+# opt-in tasks: adding one to the default set would re-share the hours of every existing corpus config
+EXTRA_TASKS = ("speak",)
+ALL_TASKS = TASKS + EXTRA_TASKS
 INPUT_SR = 16000
 TARGET_SR = 24000
 OUTPUT_VOICE_FALLBACKS = ("kokoro:jm_kumo", "piper:joe", "festival:cmu_us_slt_arctic_hts", "espeak:en-us+m3")
@@ -80,9 +83,9 @@ class SynthConfig:
         self.out = Path(self.out)
         if not self.hours > 0:
             raise ConfigError(f"--hours must be positive, got {self.hours}")
-        bad = [t for t in self.tasks if t not in TASKS]
+        bad = [t for t in self.tasks if t not in ALL_TASKS]
         if bad or not self.tasks:
-            raise ConfigError(f"unknown task(s) {bad or '(none)'}; known: {', '.join(TASKS)}")
+            raise ConfigError(f"unknown task(s) {bad or '(none)'}; known: {', '.join(ALL_TASKS)}")
         bad = [e for e in self.engines if e not in ENGINE_NAMES]
         if bad or not self.engines:
             raise ConfigError(f"unknown engine(s) {bad or '(none)'}; known: {', '.join(ENGINE_NAMES)}")
@@ -97,7 +100,8 @@ class SynthConfig:
         self.task_weights = {t: float(w.get(t, 1.0)) for t in self.tasks}
 
     def task_seconds(self, task: str) -> float:
-        """Planned seconds of input audio for one task."""
+        """Planned seconds of audio for one task (input audio; a task without input audio, such as speak,
+        counts its spoken answers: see `budget_clips`)."""
         w = self.task_weights or {}
         return self.hours * 3600.0 * w.get(task, 1.0) / (sum(w.values()) or 1.0)
 
@@ -202,6 +206,18 @@ def make_item(task: str, k: int, seed: int, engines: list[str], out_voice: Voice
         item.update(category=attr, question=question, answer=answers[value], key=value, split_text=sent,
                     labels={attr: value, "gender": v.gender},
                     clips=[_clip("u0", "input", sent, v, "style", speed=sp, pitch=pi)])
+    elif task == "speak":
+        # read a text aloud in the output voice: the audio stream learns to say what the text stream writes.
+        # Half the texts are answers of spoken questions (split by their question, like the spoken_qa task,
+        # so no held-out question's answer is ever spoken in training), half are read-speech sentences.
+        if k % 2 == 0:
+            qa = texts.spoken_question(rng, ("arithmetic", "counting", "facts", "instructions")[(k // 2) % 4])
+            category, sent, key, split_text = "answer", qa.answer, qa.key, qa.question
+        else:
+            sent = texts.asr_sentence(rng)
+            category, key, split_text = "sentence", "", sent
+        item.update(category=category, question=rng.choice(texts.SPEAK_INSTRUCTIONS).format(text=sent), answer=sent,
+                    key=key, split_text=split_text, clips=[_clip("a0", "target", sent, out_voice, "target", key)])
     elif task == "sound":
         cat = ("classify", "caption")[k % 2]
         recipe = plan_sound(rng, with_speech=True)
@@ -224,9 +240,15 @@ def make_item(task: str, k: int, seed: int, engines: list[str], out_voice: Voice
     item["split"] = texts.split_of(item.pop("split_text"), eval_fraction)
     if augment and item["split"] == "train" and task != "sound":
         item["channel"] = plan_channel(rng)
-    item["est_seconds"] = round(sum(_clip_est(c) for c in item["clips"] if c["kind"] != "target"), 3)
+    item["est_seconds"] = round(sum(_clip_est(c) for c in budget_clips(item)), 3)
     item["spec_hash"] = hashlib.sha1(json.dumps(item, sort_keys=True).encode()).hexdigest()[:16]
     return item
+
+
+def budget_clips(item: dict) -> list[dict]:
+    """The clips a task's hours are counted on: its input clips, or its spoken answers when it has none."""
+    ins = [c for c in item["clips"] if c["kind"] != "target"]
+    return ins or [c for c in item["clips"] if c["kind"] == "target"]
 
 
 def _clip_est(c: dict) -> float:
@@ -478,7 +500,7 @@ def _run_items(pool, cfg: SynthConfig, root: Path, items: list[dict], finals: di
 
 def _accepted_seconds(finals: dict, task: str) -> float:
     return sum(c["duration"] for f in finals.values() if f["task"] == task and f["status"] == "accepted"
-               for c in f["clips"] if c["kind"] != "target")
+               for c in budget_clips(f))
 
 
 def build_corpus(cfg: SynthConfig) -> dict:
@@ -526,5 +548,5 @@ def build_corpus(cfg: SynthConfig) -> dict:
     return write_outputs(root, recs, cfg, engines, missing, out_voice, stats, time.time() - t0)
 
 
-__all__ = ["TASKS", "SynthConfig", "SynthInterrupted", "build_corpus", "make_item", "plan", "resolve_output_voice",
+__all__ = ["ALL_TASKS", "EXTRA_TASKS", "TASKS", "SynthConfig", "budget_clips", "SynthInterrupted", "build_corpus", "make_item", "plan", "resolve_output_voice",
            "split_transcript", "synth_item"]

@@ -33,6 +33,14 @@ ASR_INSTRUCTIONS = (
     "Convert this speech to text.",
 )
 
+SPEAK_INSTRUCTIONS = (  # the speak task: {text} is what the answer says, word for word
+    "Read this aloud: {text}",
+    "Say the following sentence: {text}",
+    "Please read out: {text}",
+    "Speak this text: {text}",
+    "Read the following out loud. {text}",
+)
+
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()

@@ -88,14 +88,16 @@ def mel_filterbank(cfg: MelConfig = DEFAULT, device=None) -> torch.Tensor:
         up = -ramps[:-2] / widths[:-1, None]
         down = ramps[2:] / widths[1:, None]
         w = np.maximum(0.0, np.minimum(up, down)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
-        _FILTERS[key] = torch.from_numpy(w.astype(np.float32)).to(device)
+        with torch.inference_mode(False):  # cached for every later caller, training ones included
+            _FILTERS[key] = torch.from_numpy(w.astype(np.float32)).to(device)
     return _FILTERS[key]
 
 
 def _window(cfg: MelConfig, device) -> torch.Tensor:
     key = (cfg.win_size, str(device))
     if key not in _WINDOWS:
-        _WINDOWS[key] = torch.hann_window(cfg.win_size, device=device)
+        with torch.inference_mode(False):  # an inference tensor in the cache would break a later backward
+            _WINDOWS[key] = torch.hann_window(cfg.win_size, device=device)
     return _WINDOWS[key]
 
 

@@ -3,6 +3,8 @@
     kimia eval --model PATH --data MANIFEST|DATASET|GROUP [--recipe R] [--batch N] [--work-dir DIR]
     kimia eval --compare RUN_DIR_OR_METRICS [...] [--out table.md]
     kimia eval --build asterisk|pocketsphinx --out DIR
+    kimia eval --chain MANIFEST [...] [--model PATH] [--limit N] [--out DIR]   (kimia.eval.chain: where the
+        model's spoken answers lose their words, link by link, on a corpus' reference answers)
     kimia eval --list
 
 `add_eval_parser(subparsers)` registers the sub-command on the main `kimia` parser and `run_eval_cli(args)`
@@ -32,6 +34,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     mode.add_argument("--compare", nargs="+", metavar="RUN", help="run folders or metrics.json files to compare")
     mode.add_argument("--build", choices=["asterisk", "pocketsphinx"], help="build a real-speech manifest")
     mode.add_argument("--list", action="store_true", help="list recipes, datasets and groups")
+    mode.add_argument("--chain", nargs="+", metavar="MANIFEST",
+                      help="measure the speech chain (vocoder, DiT, LLM audio head) on the reference answers of "
+                           "corpus manifests (spoken_qa / dialogue / speak)")
     p.add_argument("--model", help="model folder (KimiAudio; default: the shipped kimia-small) or the name handed to "
                                    "--predictor")
     p.add_argument("--model-name", help="name used in the work dir and reports (default: model folder name)")
@@ -56,7 +61,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--judge", action="store_true", help="score open answers with an LLM judge (off by default)")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL (or $KIMIA_JUDGE_URL / $OPENAI_BASE_URL)")
     p.add_argument("--judge-model", help="judge model name (or $KIMIA_JUDGE_MODEL; default gpt-4o-mini)")
-    p.add_argument("--out", help="--build: output folder; --compare: Markdown file (a .png is written beside it)")
+    p.add_argument("--out", help="--build: output folder; --compare: Markdown file (a .png is written beside it); "
+                                 "--chain: folder for chain.json and transcripts.jsonl")
     p.add_argument("--min-words", type=int, default=0, help="--build asterisk: only prompts of at least N words")
     return p
 
@@ -136,6 +142,20 @@ def _run(args) -> int:
     return 0
 
 
+def _chain(args) -> int:
+    from kimia.api import KimiAudio
+    from kimia.eval.chain import chain_rows, format_chain, measure_chain, write_chain
+
+    rows = chain_rows(args.chain, limit=args.limit or 0)  # bad manifests fail before the model loads
+    model = KimiAudio(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    transcripts: list[dict] = []
+    result = measure_chain(model, rows, transcripts=transcripts)
+    print(format_chain(result, args.model_name or args.model or "kimia-small"))
+    if args.out:
+        print(f"-> {write_chain(result, transcripts, args.out)}")
+    return 0
+
+
 def run_eval_cli(args: argparse.Namespace) -> int:
     """Run `kimia eval` with parsed arguments; kimia errors become a message and exit code 2."""
     try:
@@ -155,6 +175,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
                 if args.build == "asterisk" and args.min_words else {}
             print(BUILDERS[args.build](args.out, **kw))
             return 0
+        if args.chain:
+            return _chain(args)
         if args.compare:
             from kimia.eval.report import compare_runs
             png = Path(args.out).with_suffix(".png") if args.out else None

@@ -293,6 +293,9 @@ def run_dataset(manifest: Manifest, predictor: Predictor, recipe: Recipe, run_di
 def merge_shards(manifest: Manifest, run_dir: str | Path, *, limit: int | None = None) -> Path:
     """Write `predictions.jsonl` (manifest order, original record + prediction) and `bad_rows.jsonl`."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{manifest.name}: no stored predictions to score in {run_dir} (run without --reeval first, "
+                          "or point --work-dir / --model-name at the earlier run)")
     done = finished_predictions(run_dir)
     items = manifest.items[:limit] if limit is not None else manifest.items
     lines, bad = [], [b.to_dict() for b in manifest.bad]

@@ -79,6 +79,7 @@ EVAL_TASKS: dict[str, tuple[str, str, dict[str, str]]] = {
     "sound": ("sound", "sound_event", {"category": "classify"}),
     "caption": ("sound", "captioning", {"category": "caption"}),
     "style": ("style", "emotion", {}),
+    "chain": ("spoken_qa", "chain", {}),  # the speech chain link by link on the reference answers (kimia.eval.chain)
     "asterisk": ("real:asterisk", "asr", {}),
     "pocketsphinx": ("real:pocketsphinx", "asr", {}),
 }
@@ -483,7 +484,7 @@ class Pipeline:
             if self.seeded("lm_init") and self.lora_start.is_file():  # continue the earlier model's adapters
                 w.append(f"lora.init={j(str(self.lora_start))}")
         elif stage in ("dit", "vocoder"):
-            w += [f"data.manifests={j(self._manifests(['spoken_qa', 'dialogue']))}", "data.synthetic=0",
+            w += [f"data.manifests={j(self._manifests(['spoken_qa', 'dialogue', 'speak']))}", "data.synthetic=0",
                   "data.audio_key=target_audio_path"]
             if stage == "dit":
                 w.append(f"data.semantic_tokenizer={j(str(self.export('vq')))}")
@@ -707,6 +708,9 @@ class Pipeline:
             if local is None:
                 continue
             limit = e.limits.get(task, e.limit)
+            if task == "chain":
+                info[task] = run_chain_eval(self.model_dir, str(local), out / "runs" / "chain", limit)
+                continue
             info[task] = run_quick_eval(self.model_dir, str(local), EVAL_RECIPES[task], out / "runs", limit,
                                         e.max_new_tokens)
         (out / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -868,6 +872,21 @@ def run_quick_eval(model_dir: Path, manifest: str, recipe: str, work: Path, limi
     overall = metrics.get("performance", {}).get("overall", {})
     return {"recipe": recipe, "metric": metrics.get("eval_method", ""), "value": overall,
             "items": metrics.get("counts", {}).get("scored", 0), "run_dir": str(run_dir)}
+
+
+def run_chain_eval(model_dir: Path, manifest: str, out: Path, limit: int) -> dict[str, Any]:
+    """`kimia eval --chain` on one manifest's reference answers (first `limit`); the card's value is the WER of
+    the answers resynthesised from their own codes (DiT + vocoder), the details every link."""
+    from kimia.eval.cli import main as eval_main
+
+    args = ["--chain", manifest, "--model", str(model_dir), "--limit", str(limit), "--device", "cpu", "--out", str(out)]
+    rc = eval_main(args)
+    if rc != 0:
+        raise KimiaError(f"kimia eval {' '.join(args)} failed with exit code {rc}")
+    r = json.loads((out / "chain.json").read_text())
+    value = {"wer": r["dit"]["wer"], "original": r["original"]["wer"], "vocoder": r["vocoder"]["wer"],
+             "lm_code_accuracy": r["lm"]["accuracy"], "lm_cross_entropy": r["lm"]["cross_entropy"]}
+    return {"recipe": "chain", "metric": "resynthesis WER", "value": value, "items": r["rows"], "run_dir": str(out)}
 
 
 def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, force: list[str] | None = None

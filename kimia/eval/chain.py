@@ -1,0 +1,183 @@
+"""Where a spoken answer loses its words: the speech chain of a model folder measured link by link.
+
+A model that talks back is heard through four links: the LLM's audio head writes semantic codes, the DiT turns
+codes into a mel, the vocoder turns the mel into a waveform. `kimia eval --chain MANIFEST` takes reference
+answers (rows with `target_audio_path` and `target_text`, as a `kimia data synth` corpus writes for its
+spoken_qa / dialogue / speak tasks) and measures what each link keeps:
+
+- `original`:  the recording itself, heard by the judge (the ceiling: the judge's own errors on that voice);
+- `vocoder`:   the recording's 24 kHz mel through the folder's vocoder (copy synthesis);
+- `dit`:       the recording's semantic codes (the folder's tokenizer) through the DiT and the vocoder;
+- `lm`:        teacher-forced, the LLM's audio head on the answer's codes given the conversation so far (the
+               question, audio or text, and the answer's own text): accuracy of its most likely code and the
+               mean cross-entropy, the quantities its training minimised. Rows with an earlier history
+               (dialogue's second turn) are heard but not teacher-forced.
+
+The judge is Whisper base (`kimia.eval.speech`, the same one that scores the model's own spoken answers); each
+heard link gets the WER against the reference text, counted as `kimia.eval.speech.spoken_errors` counts the
+model's own speech (words as said: digits read as number words), and the share of answers whose key words the
+judge heard. A link whose WER jumps above the one before it is where the words go.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kimia.errors import ConfigError
+
+__all__ = ["HEARD_LINKS", "chain_rows", "format_chain", "measure_chain", "teacher_forced", "write_chain"]
+
+HEARD_LINKS = ("original", "vocoder", "dit")
+
+
+def chain_rows(manifests: Sequence[str | Path], limit: int = 0) -> list[dict[str, Any]]:
+    """Rows of corpus manifests that carry a reference answer (target audio + its text), in file order."""
+    from kimia.data.manifest import read_manifest
+
+    rows: list[dict[str, Any]] = []
+    for path in manifests:
+        if not Path(path).is_file():
+            raise ConfigError(f"chain manifest {path} does not exist")
+        recs = read_manifest(path)  # a malformed line is a ConfigError naming it
+        for r in recs:
+            if not isinstance(r, dict):
+                raise ConfigError(f"chain manifest {path}: a row is not a json object")
+            tgt, text = r.get("target_audio_path"), r.get("target_text")
+            if not tgt or not text:
+                continue
+            audio = r.get("audio_path") or []
+            rows.append({"index": str(r.get("index")), "target": str(tgt), "text": str(text),
+                         "key": str(r.get("key") or ""), "question": str(r.get("question") or ""),
+                         "audio": [str(a) for a in ([audio] if isinstance(audio, str) else audio)],
+                         "history": r.get("history") or []})
+    if not rows:
+        raise ConfigError(f"no row with target_audio_path and target_text in {[str(p) for p in manifests]}: the chain "
+                          "needs reference answers (the spoken_qa / dialogue / speak manifests of a kimia corpus)")
+    return rows[:limit] if limit > 0 else rows
+
+
+def teacher_forced(model: Any, row: dict[str, Any]) -> tuple[float, int, int] | None:
+    """(summed cross-entropy, correct codes, codes) of the LLM's audio head on the answer of one row, or None
+    for a row with history. The prompt is built as training builds it (the answer as `audio-text`, speech
+    targets on), so these are the training loss' terms."""
+    from kimia.train.data import collate_lm
+
+    if row["history"]:
+        return None
+    msgs: list[dict[str, Any]] = []
+    if row["audio"]:
+        if row["question"]:
+            msgs.append({"role": "user", "message_type": "text", "content": row["question"]})
+        msgs += [{"role": "user", "message_type": "audio", "content": a} for a in row["audio"]]
+    else:
+        msgs.append({"role": "user", "message_type": "text", "content": row["question"]})
+    msgs.append({"role": "assistant", "message_type": "audio-text", "content": [row["target"], row["text"]]})
+    pb = model.prompt_builder.build(msgs, output_type="both", add_assistant_start=False, speech_targets=True)
+    c = model.parts.lm.config
+    b = collate_lm([pb], pad_id=c.pad_token_id, media_begin=c.kimia_media_begin, media_end=c.kimia_media_end,
+                   adaptor_dim=c.kimia_adaptor_input_dim)
+    mask = b.audio_loss_mask[0] & (b.audio_labels[0] >= c.kimia_token_offset)  # codes, not the blank filler
+    if not bool(mask.any()):
+        return None
+    dev = model.device
+    cont = b.continuous.to(dev, model.dtype) if b.continuous is not None else None
+    cmask = b.continuous_mask.to(dev) if b.continuous_mask is not None else None
+    with torch.no_grad():
+        out = model.parts.lm(b.audio_ids.to(dev), b.text_ids.to(dev), b.positions.to(dev), continuous=cont,
+                             continuous_mask=cmask)
+    logits = out.audio_logits[0][mask.to(dev)].float()
+    labels = b.audio_labels[0][mask].to(dev)
+    ce = float(F.cross_entropy(logits, labels, reduction="sum"))
+    return ce, int((logits.argmax(-1) == labels).sum()), int(mask.sum())
+
+
+def measure_chain(model: Any, rows: Sequence[dict[str, Any]], judge: Any = None,
+                  transcripts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every link of the module docstring over `rows` for one loaded `KimiAudio` (with its detokenizer).
+    `judge` transcribes 16 kHz float audio (default: the Whisper base judge). Per-row transcripts are
+    appended to `transcripts` when given."""
+    import soxr
+
+    from kimia.audio import load_audio
+    from kimia.detokenizer.mel import SAMPLE_RATE as MEL_RATE, mel_frames
+    from kimia.data.texts import normalize_text
+    from kimia.eval.speech import spoken_errors
+
+    if model.detokenizer is None:
+        raise ConfigError("the speech chain needs the model's detokenizer (load_detokenizer=True)")
+    if judge is None:
+        from kimia.eval.speech import _judge
+
+        judge = _judge()
+    d = model.detokenizer
+    vdtype = next(d.vocoder.parameters()).dtype
+
+    def hear(wav: torch.Tensor) -> str:
+        pcm = wav.reshape(-1).float().cpu().numpy()
+        return judge.transcribe(soxr.resample(pcm, MEL_RATE, 16000)) if pcm.size else ""
+
+    errors: dict[str, list[tuple[int, int]]] = {k: [] for k in HEARD_LINKS}
+    keys: dict[str, list[bool]] = {k: [] for k in HEARD_LINKS}
+    ce = correct = codes = forced = 0
+    for row in rows:
+        w24 = load_audio(row["target"], target_sr=MEL_RATE, name=f"target of {row['index']}")
+        w16 = load_audio(row["target"], target_sr=16000, name=f"target of {row['index']}")
+        with torch.no_grad():
+            voc = d.vocoder(mel_frames(w24).T[None].to(model.device, vdtype))
+            ids = model.parts.semantic_tokenizer.tokenize(w16).reshape(-1).long()
+        heard = {"original": hear(w24), "vocoder": hear(voc), "dit": hear(model.detokenize_audio(ids))}
+        for k, h in heard.items():
+            errors[k].append(spoken_errors(row["text"], h)[:2])
+            if row["key"]:
+                keys[k].append(f" {normalize_text(row['key'])} " in f" {normalize_text(h)} ")
+        tf = teacher_forced(model, row)
+        if tf is not None:
+            ce, correct, codes, forced = ce + tf[0], correct + tf[1], codes + tf[2], forced + 1
+        if transcripts is not None:
+            transcripts.append({"index": row["index"], "text": row["text"], **heard,
+                                "lm_accuracy": None if tf is None else round(tf[1] / tf[2], 4)})
+    out: dict[str, Any] = {"rows": len(rows)}
+    for k in HEARD_LINKS:
+        e, n = sum(x[0] for x in errors[k]), sum(x[1] for x in errors[k])
+        out[k] = {"wer": round(100.0 * e / max(n, 1), 2), "errors": e, "words": n,
+                  "keys_heard": round(100.0 * sum(keys[k]) / len(keys[k]), 1) if keys[k] else None}
+    out["lm"] = {"rows": forced, "codes": codes,
+                 "accuracy": round(100.0 * correct / codes, 2) if codes else None,
+                 "cross_entropy": round(ce / codes, 4) if codes else None,
+                 "perplexity": round(math.exp(ce / codes), 2) if codes else None}
+    return out
+
+
+def format_chain(result: dict[str, Any], title: str = "") -> str:
+    """The chain as a small text table."""
+    lines = [f"speech chain{f' of {title}' if title else ''} ({result['rows']} answers)",
+             f"{'link':<10} {'WER %':>7} {'errors/words':>13} {'keys heard %':>13}"]
+    for k in HEARD_LINKS:
+        r = result[k]
+        kh = "-" if r["keys_heard"] is None else f"{r['keys_heard']:.1f}"
+        lines.append(f"{k:<10} {r['wer']:>7.2f} {r['errors']:>6}/{r['words']:<6} {kh:>13}")
+    lm = result["lm"]
+    if lm["codes"]:
+        lines.append(f"lm (teacher-forced, {lm['rows']} answers, {lm['codes']} codes): accuracy {lm['accuracy']:.2f} %, "
+                     f"cross-entropy {lm['cross_entropy']:.3f} (perplexity {lm['perplexity']:.1f})")
+    else:
+        lines.append("lm (teacher-forced): no row without history")
+    return "\n".join(lines)
+
+
+def write_chain(result: dict[str, Any], transcripts: list[dict[str, Any]], out: str | Path) -> Path:
+    """result.json + transcripts.jsonl under `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chain.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+    with open(out / "transcripts.jsonl", "w", encoding="utf-8") as f:
+        for t in transcripts:
+            f.write(json.dumps(t, ensure_ascii=False) + "\n")
+    return out / "chain.json"

@@ -1,0 +1,113 @@
+"""`kimia eval --chain`: the speech chain of a model folder measured link by link on a corpus' reference answers.
+
+A real espeak-ng corpus (spoken_qa + speak, no judge at build time) and a tiny random model folder; the real
+Whisper base judge hears every link. The recording itself must be heard well, the random DiT's resynthesis
+not; the teacher-forced prompt must be exactly the one the LM training dataset builds from the corpus'
+finetune conversation of the same answer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kimia.data import cli as data_cli
+from kimia.errors import ConfigError
+from tests.tiny_model import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("chain") / "corpus"
+    assert data_cli.main(["synth", "--out", str(out), "--hours", "0.004", "--seed", "3", "--jobs", "1",
+                          "--engines", "espeak", "--tasks", "spoken_qa", "speak", "--output-voice", "espeak:en-us+m3",
+                          "--eval-fraction", "0", "--no-judge", "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from kimia.api import KimiAudio
+
+    return KimiAudio(write_tiny_model(tmp_path_factory.mktemp("tiny") / "model"), device="cpu")
+
+
+def test_links_are_heard_separately_and_the_lm_is_teacher_forced(corpus, model):
+    from kimia.eval.chain import chain_rows, format_chain, measure_chain
+
+    manifests = [corpus / "manifests" / "spoken_qa_train.jsonl", corpus / "manifests" / "speak_train.jsonl"]
+    rows = chain_rows(manifests)
+    assert {r["index"].split("-")[0] for r in rows} == {"spoken_qa", "speak"}
+    rows = [next(r for r in rows if r["audio"]), next(r for r in rows if not r["audio"])]  # one of each
+    transcripts: list[dict] = []
+    res = measure_chain(model, rows, transcripts=transcripts)
+    assert res["rows"] == 2 and len(transcripts) == 2
+    assert res["original"]["words"] == sum(len(r["text"].split()) for r in rows)
+    assert res["original"]["wer"] <= 35.0  # Whisper base hears espeak-ng's recording
+    assert res["dit"]["wer"] >= 80.0  # but not a random DiT's resynthesis of its codes
+    lm = res["lm"]
+    assert lm["rows"] == 2 and lm["codes"] > 0 and 0.0 <= lm["accuracy"] <= 100.0
+    assert lm["cross_entropy"] > 0 and lm["perplexity"] == pytest.approx(2.718281828 ** lm["cross_entropy"], rel=1e-2)
+    assert all(set(t) >= {"original", "vocoder", "dit", "lm_accuracy"} for t in transcripts)
+    table = format_chain(res, "tiny")
+    assert "original" in table and "teacher-forced, 2 answers" in table
+
+
+def test_teacher_forced_prompt_is_the_training_prompt(corpus, model):
+    """The chain's prompt for an answer equals the one the LM training dataset builds from the finetune
+    conversation of the same item (spoken question or text to read)."""
+    from kimia.data.manifest import read_conversations
+    from kimia.eval import chain
+    from kimia.train.data import ManifestLMDataset
+
+    rows = chain.chain_rows([corpus / "manifests" / "spoken_qa_train.jsonl", corpus / "manifests" / "speak_train.jsonl"])
+    convs = [c for c in read_conversations(corpus / "finetune" / "train.jsonl") if c["task"] in ("spoken_qa", "speak")]
+    by_target = {c["conversation"][-1]["content"][0]: c for c in convs}
+    seen = []
+    real_build = model.prompt_builder.build
+
+    def spy(msgs, **kw):
+        pb = real_build(msgs, **kw)
+        seen.append(pb)
+        return pb
+
+    model.prompt_builder.build = spy
+    try:
+        for row in (next(r for r in rows if r["audio"]), next(r for r in rows if not r["audio"])):
+            assert chain.teacher_forced(model, row) is not None
+            ds = ManifestLMDataset([by_target[row["target"]]], model.prompt_builder)
+            want = ds[0]
+            got = seen[-2]  # the chain's build (the dataset's own build came after it)
+            assert torch.equal(got.audio_ids, want.audio_ids) and torch.equal(got.text_ids, want.text_ids)
+            assert torch.equal(got.audio_loss_mask, want.audio_loss_mask)
+    finally:
+        model.prompt_builder.build = real_build
+
+
+def test_cli_writes_the_chain_and_refuses_manifests_without_answers(corpus, tmp_path, capsys):
+    from kimia.eval.cli import main
+
+    folder = write_tiny_model(tmp_path / "model")
+    out = tmp_path / "chain"
+    assert main(["--chain", str(corpus / "manifests" / "speak_train.jsonl"), "--model", str(folder), "--limit", "1",
+                 "--quantize", "none", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "speech chain" in printed and "(1 answers)" in printed
+    res = json.loads((out / "chain.json").read_text())
+    assert res["rows"] == 1 and (out / "transcripts.jsonl").read_text().count("\n") == 1
+
+    no_answers = tmp_path / "asr.jsonl"
+    no_answers.write_text(json.dumps({"index": "a", "audio_path": "x.wav", "answer": "hi"}) + "\n")
+    assert main(["--chain", str(no_answers), "--model", str(folder)]) == 2
+    assert "no row with target_audio_path" in capsys.readouterr().err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    assert main(["--chain", str(broken), "--model", str(folder)]) == 2
+    assert "malformed" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="does not exist"):
+        from kimia.eval.chain import chain_rows
+
+        chain_rows([tmp_path / "missing.jsonl"])
