@@ -46,16 +46,22 @@ RULES = {
 }
 
 
-def word_errors(ref: str, hyp: str) -> tuple[int, int]:
-    """(edit distance in words, reference length) after normalisation."""
-    r, h = normalize_text(ref).split(), normalize_text(hyp).split()
+def said_errors(ref: str, hyp: str) -> tuple[int, int, list[str], list[str]]:
+    """(edit distance in words, reference length, reference words, transcript words) of a text against what a
+    recognizer heard, both normalised as said (`texts.normalize_text`: digits as number words)."""
+    r, h = normalize_text(ref or "").split(), normalize_text(hyp or "").split()
     prev = list(range(len(h) + 1))
     for i, rw in enumerate(r, 1):
         cur = [i] + [0] * len(h)
         for j, hw in enumerate(h, 1):
             cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
         prev = cur
-    return prev[-1], len(r)
+    return prev[-1], len(r), r, h
+
+
+def word_errors(ref: str, hyp: str) -> tuple[int, int]:
+    """(edit distance in words, reference length) after normalisation."""
+    return said_errors(ref, hyp)[:2]
 
 
 def wer(ref: str, hyp: str) -> float:
@@ -111,4 +117,4 @@ class Judge:
         return decide(ref, self.transcribe(audio), rule, key)
 
 
-__all__ = ["JUDGE_SAMPLE_RATE", "RULES", "Judge", "JudgeRule", "Verdict", "decide", "wer", "word_errors"]
+__all__ = ["JUDGE_SAMPLE_RATE", "RULES", "Judge", "JudgeRule", "Verdict", "decide", "said_errors", "wer", "word_errors"]

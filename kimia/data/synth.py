@@ -548,5 +548,5 @@ def build_corpus(cfg: SynthConfig) -> dict:
     return write_outputs(root, recs, cfg, engines, missing, out_voice, stats, time.time() - t0)
 
 
-__all__ = ["ALL_TASKS", "EXTRA_TASKS", "TASKS", "SynthConfig", "budget_clips", "SynthInterrupted", "build_corpus", "make_item", "plan", "resolve_output_voice",
-           "split_transcript", "synth_item"]
+__all__ = ["ALL_TASKS", "EXTRA_TASKS", "TASKS", "SynthConfig", "SynthInterrupted", "budget_clips", "build_corpus",
+           "make_item", "plan", "resolve_output_voice", "split_transcript", "synth_item"]

@@ -14,7 +14,7 @@ spoken_qa / dialogue / speak tasks) and measures what each link keeps:
                (dialogue's second turn) are heard but not teacher-forced.
 
 The judge is Whisper base (`kimia.eval.speech`, the same one that scores the model's own spoken answers); each
-heard link gets the WER against the reference text, counted as `kimia.eval.speech.spoken_errors` counts the
+heard link gets the WER against the reference text, counted as `kimia.data.judge.said_errors` counts the
 model's own speech (words as said: digits read as number words), and the share of answers whose key words the
 judge heard. A link whose WER jumps above the one before it is where the words go.
 """
@@ -107,8 +107,8 @@ def measure_chain(model: Any, rows: Sequence[dict[str, Any]], judge: Any = None,
 
     from kimia.audio import load_audio
     from kimia.detokenizer.mel import SAMPLE_RATE as MEL_RATE, mel_frames
+    from kimia.data.judge import said_errors
     from kimia.data.texts import normalize_text
-    from kimia.eval.speech import spoken_errors
 
     if model.detokenizer is None:
         raise ConfigError("the speech chain needs the model's detokenizer (load_detokenizer=True)")
@@ -134,7 +134,7 @@ def measure_chain(model: Any, rows: Sequence[dict[str, Any]], judge: Any = None,
             ids = model.parts.semantic_tokenizer.tokenize(w16).reshape(-1).long()
         heard = {"original": hear(w24), "vocoder": hear(voc), "dit": hear(model.detokenize_audio(ids))}
         for k, h in heard.items():
-            errors[k].append(spoken_errors(row["text"], h)[:2])
+            errors[k].append(said_errors(row["text"], h)[:2])
             if row["key"]:
                 keys[k].append(f" {normalize_text(row['key'])} " in f" {normalize_text(h)} ")
         tf = teacher_forced(model, row)

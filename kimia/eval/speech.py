@@ -11,8 +11,8 @@ the model's own encoders). The prediction stored by the runner is a JSON object
 own text answer, how often the answer key (the record's `key`) is in the text and in the transcript, the
 median time to first audio and the real-time factor (generation seconds / answer seconds, summed).
 
-The WER of speech is counted on words as they are *said* (`spoken_errors`: both sides through the corpus
-judge's normaliser, digits read as number words, symbols read aloud), because the recognizer chooses freely
+The WER of speech is counted on words as they are *said* (`kimia.data.judge.said_errors`: both sides through
+the corpus judge's normaliser, digits read as number words, symbols read aloud), because the recognizer chooses freely
 between "five" and "5". The evaluation kit's Whisper normaliser, right for ASR figures comparable with published
 ones, is not: it joins a run of number words into one number ("five, four, three" -> "543") but keeps written
 digits apart ("5, 4, 3" -> "5 4 3"), so a perfectly spoken counting answer would score 100 %. That figure is
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["speak_batch", "score_spoken", "parse_spoken", "spoken_errors"]
+__all__ = ["speak_batch", "score_spoken", "parse_spoken"]
 
 _JUDGE = None
 
@@ -85,18 +85,9 @@ def parse_spoken(prediction: str) -> dict[str, Any]:
     return {"text": str(prediction or ""), "transcript": "", "audio_s": 0.0, "first_audio_s": None, "gen_s": 0.0}
 
 
-def spoken_errors(reference: str, transcript: str) -> tuple[int, int, list[str], list[str]]:
-    """(word errors, reference words, reference words, transcript words) of a spoken text against what a
-    recognizer heard, both normalised as said: lower case, digits as number words, no punctuation."""
-    from kimia.data.texts import normalize_text
-    from kimia.eval.metrics import edit_distance
-
-    ref, hyp = normalize_text(reference or "").split(), normalize_text(transcript or "").split()
-    return edit_distance(ref, hyp), len(ref), ref, hyp
-
-
 def score_spoken(records_by_subset: dict[str, list[dict]], contains) -> tuple[dict, list[dict]]:
     """(performance per subset + overall, per-item details) for spoken-answer predictions."""
+    from kimia.data.judge import said_errors
     from kimia.eval import metrics as M
 
     perf: dict[str, dict] = {}
@@ -106,7 +97,7 @@ def score_spoken(records_by_subset: dict[str, list[dict]], contains) -> tuple[di
         rows = []
         for r in recs:
             p = parse_spoken(r["prediction"])
-            err, n, ref, hyp = spoken_errors(p.get("text", ""), p.get("transcript", ""))
+            err, n, ref, hyp = said_errors(p.get("text", ""), p.get("transcript", ""))
             kit = M.utterance_wer(p.get("text", ""), p.get("transcript", ""), "en")[:2]
             key = str(r.get("key") or r.get("answer") or "")
             rows.append((r, p, err, n, kit))
