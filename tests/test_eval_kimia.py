@@ -157,6 +157,14 @@ def test_spoken_wer_counts_words_as_said():
         {"text": "Five, four, three, two, one.", "transcript": "5, 4, 3, 2, 1", "audio_s": 1.0, "gen_s": 0.5})}]
     overall = score_spoken({"s": recs}, _contains)[0]["overall"]
     assert overall["wer"] == 0.0 and overall["wer_kit"] > 0
+    # per answer: a hallucinated run of words ruins the pooled WER, not the median or the half-heard share
+    recs += [{"index": i, "key": "", "prediction": json.dumps({"text": t, "transcript": h, "audio_s": 1.0, "gen_s": 0.5})}
+             for i, (t, h) in enumerate([("Bees make honey.", "Please make honey."),
+                                         ("Two, three.", "2, 3, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8"),
+                                         ("Orange comes first.", "The ring comes first.")], 1)]
+    overall = score_spoken({"s": recs}, _contains)[0]["overall"]
+    assert overall["wer"] == round(100 * (0 + 1 + 16 + 2) / (5 + 3 + 2 + 3), 2)
+    assert overall["wer_median"] == 50.0 and overall["half_heard"] == 50.0  # per answer: 0, 1/3, 8, 2/3
 
 
 def test_key_qa_scores_the_answer_key():

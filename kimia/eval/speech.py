@@ -9,7 +9,8 @@ the model's own encoders). The prediction stored by the runner is a JSON object
 
 `score_spoken` (metric `speech_wer`) gives per subset: the corpus WER of the transcript against the model's
 own text answer, how often the answer key (the record's `key`) is in the text and in the transcript, the
-median time to first audio and the real-time factor (generation seconds / answer seconds, summed).
+median time to first audio and the real-time factor (generation seconds / answer seconds, summed), and per
+answer the median WER (`wer_median`) and the share of answers with WER <= 50 % (`half_heard`).
 
 The WER of speech is counted on words as they are *said* (`kimia.data.judge.said_errors`: both sides through
 the corpus judge's normaliser, digits read as number words, symbols read aloud), because the recognizer chooses freely
@@ -121,9 +122,14 @@ def _summary(rows: list[tuple[dict, dict, int, int, tuple[int, int]]], contains)
     audio = sum(float(p.get("audio_s") or 0.0) for p in preds)
     gen = sum(float(p.get("gen_s") or 0.0) for p in preds)
     n = max(len(rows), 1)
+    # per answer: one recognizer hallucination ("8, 8, 8, ...") can move a pooled WER of 30 answers by 60 points;
+    # the median answer and the share of answers heard at least half right are steadier
+    per = [row[2] / row[3] for row in rows if row[3]]
     return {
         "wer": round(100.0 * err / words, 2) if words else None, "errors": err, "ref_words": words,
         "wer_kit": round(100.0 * kit_err / kit_words, 2) if kit_words else None,
+        "wer_median": round(100.0 * statistics.median(per), 2) if per else None,
+        "half_heard": round(100.0 * sum(x <= 0.5 for x in per) / len(per), 2) if per else None,
         "utterances": len(rows), "silent": sum(1 for p in preds if not p.get("audio_s")),
         "key_in_text": round(100.0 * sum(contains(k, p.get("text", "")) for k, p in zip(keys, preds)) / n, 2),
         "key_in_speech": round(100.0 * sum(contains(k, p.get("transcript", "")) for k, p in zip(keys, preds)) / n, 2),
