@@ -128,15 +128,16 @@ def measure_chain(model: Any, rows: Sequence[dict[str, Any]], judge: Any = None,
     ce = correct = codes = forced = 0
     for row in rows:
         w24 = load_audio(row["target"], target_sr=MEL_RATE, name=f"target of {row['index']}")
-        w16 = load_audio(row["target"], target_sr=16000, name=f"target of {row['index']}")
+        w16 = load_audio(w24, MEL_RATE, target_sr=16000, name=f"target of {row['index']}")  # one file read
         with torch.no_grad():
             voc = d.vocoder(mel_frames(w24).T[None].to(model.device, vdtype))
             ids = model.parts.semantic_tokenizer.tokenize(w16).reshape(-1).long()
         heard = {"original": hear(w24), "vocoder": hear(voc), "dit": hear(model.detokenize_audio(ids))}
+        key = f" {normalize_text(row['key'])} " if row["key"] else ""
         for k, h in heard.items():
             errors[k].append(said_errors(row["text"], h)[:2])
-            if row["key"]:
-                keys[k].append(f" {normalize_text(row['key'])} " in f" {normalize_text(h)} ")
+            if key:
+                keys[k].append(key in f" {normalize_text(h)} ")
         tf = teacher_forced(model, row)
         if tf is not None:
             ce, correct, codes, forced = ce + tf[0], correct + tf[1], codes + tf[2], forced + 1

@@ -852,21 +852,25 @@ def _recipe_train_fn(stage: str):
     return f
 
 
+def _eval_cli(args: list[str]) -> None:
+    """`kimia eval ARGS` in this process; a non-zero exit is a KimiaError naming the command."""
+    from kimia.eval.cli import main as eval_main
+
+    rc = eval_main(args)
+    if rc != 0:
+        raise KimiaError(f"kimia eval {' '.join(args)} failed with exit code {rc}")
+
+
 def run_quick_eval(model_dir: Path, manifest: str, recipe: str, work: Path, limit: int, max_new_tokens: int
                    ) -> dict[str, Any]:
     """`kimia eval` on one manifest (first `limit` items); returns {recipe, metric, value, items, run_dir}.
 
     Predictions are always made afresh: the eval stage reruns only when the model was reassembled (or its
     settings changed), and predictions stored by an earlier run belong to the folder as it was then."""
-    from kimia.eval.cli import main as eval_main
-
     name = Path(manifest).stem
-    args = ["--model", str(model_dir), "--data", manifest, "--recipe", recipe, "--work-dir", str(work),
-            "--limit", str(limit), "--max-new-tokens", str(max_new_tokens), "--no-plots", "--no-progress",
-            "--device", "cpu", "--force-reinfer"]
-    rc = eval_main(args)
-    if rc != 0:
-        raise KimiaError(f"kimia eval {' '.join(args)} failed with exit code {rc}")
+    _eval_cli(["--model", str(model_dir), "--data", manifest, "--recipe", recipe, "--work-dir", str(work),
+               "--limit", str(limit), "--max-new-tokens", str(max_new_tokens), "--no-plots", "--no-progress",
+               "--device", "cpu", "--force-reinfer"])
     run_dir = work / model_dir.name / name
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     overall = metrics.get("performance", {}).get("overall", {})
@@ -877,12 +881,8 @@ def run_quick_eval(model_dir: Path, manifest: str, recipe: str, work: Path, limi
 def run_chain_eval(model_dir: Path, manifest: str, out: Path, limit: int) -> dict[str, Any]:
     """`kimia eval --chain` on one manifest's reference answers (first `limit`); the card's value is the WER of
     the answers resynthesised from their own codes (DiT + vocoder), the details every link."""
-    from kimia.eval.cli import main as eval_main
-
-    args = ["--chain", manifest, "--model", str(model_dir), "--limit", str(limit), "--device", "cpu", "--out", str(out)]
-    rc = eval_main(args)
-    if rc != 0:
-        raise KimiaError(f"kimia eval {' '.join(args)} failed with exit code {rc}")
+    _eval_cli(["--chain", manifest, "--model", str(model_dir), "--limit", str(limit), "--device", "cpu", "--out",
+               str(out)])
     r = json.loads((out / "chain.json").read_text())
     value = {"wer": r["dit"]["wer"], "original": r["original"]["wer"], "vocoder": r["vocoder"]["wer"],
              "lm_code_accuracy": r["lm"]["accuracy"], "lm_cross_entropy": r["lm"]["cross_entropy"]}
