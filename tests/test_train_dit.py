@@ -15,6 +15,7 @@ from kimia.detokenizer.bigvgan import BigVGAN, BigVGANConfig, save_vocoder
 from kimia.detokenizer.dit import DiTConfig, to_timestep
 from kimia.detokenizer.loader import load_detokenizer, load_dit
 from kimia.detokenizer.stream import StreamConfig
+from kimia.errors import ConfigError
 from kimia.train.config import load_config
 from kimia.train.dit import (DiTRecipe, DiTTrainConfig, FlowMatchingDiT, FlowSpec, flow_pair, masked_dit_forward, train_dit)
 from kimia.train.vocoder import SyntheticVoiced
@@ -173,3 +174,66 @@ def test_dit_trains_resumes_and_streams(tmp_path, corpus, tokenizer_folder):
     wav = torch.cat([detok.push(ids[:6]), detok.push(ids[6:], is_final=True)], dim=-1)
     assert wav.shape[-1] == 10 * 4 * 480 and torch.isfinite(wav).all()
     assert detok.stats.cached_attention_chunks >= 1
+
+
+def test_token_noise_swaps_ids_for_near_codes(tmp_path, tokenizer_folder):
+    """Every corrupted id is one of the original's k nearest codebook rows (not itself), at the given rate;
+    collate applies it to prefix and chunk and leaves the mel target clean."""
+    from kimia.encoders.semantic import load_semantic_tokenizer
+
+    k = 5
+    recipe = DiTRecipe(tiny_cfg(tmp_path, tokenizer_folder, "data.token_noise=1.0", f"data.token_noise_neighbours={k}",
+                                "data.prefix_prob=1.0"))
+    cb = load_semantic_tokenizer(tokenizer_folder, device="cpu").encoder.codebook.weight.detach().float()
+    V = cb.shape[0]
+    d = torch.cdist(cb.double(), cb.double())
+    d.fill_diagonal_(float("inf"))
+    near = d.argsort(dim=1)[:, :k]  # brute force, independent of the recipe's table
+    ids = torch.arange(V).repeat(20)
+    torch.manual_seed(0)
+    out = recipe.corrupt(ids)
+    assert (out != ids).all()
+    assert (near[ids] == out[:, None]).any(dim=1).all()
+    assert {int(x) for x in out[ids == 3]} == {int(x) for x in near[3]}  # all k are drawn
+
+    half = DiTRecipe(tiny_cfg(tmp_path, tokenizer_folder, "data.token_noise=0.25", "data.token_noise_neighbours=0"))
+    torch.manual_seed(1)
+    many = torch.arange(V).repeat(200)
+    out = half.corrupt(many)
+    rate = float((out != many).float().mean())
+    assert 0.22 < rate < 0.28, rate  # uniform replacement: a few draws land on the same code
+    assert len(set(out[many == 3].tolist()) - {3}) > 3 * k  # any code, not only near ones
+
+    c = 7
+    mel = torch.randn(40 * 4, 80)
+    items = [(torch.full((40,), c), mel), (torch.full((40,), c), mel)]
+    torch.manual_seed(2)
+    b = recipe.collate(items)
+    assert b.prefix > 0
+    assert set(b.tokens.unique().tolist()) <= set(near[c].tolist())
+    assert any(torch.equal(b.mel[0], mel[i:i + b.mel.shape[1]]) for i in range(0, 160 - b.mel.shape[1] + 1, 4))
+
+
+def test_token_noise_config_errors(tmp_path, tokenizer_folder):
+    for bad in (["data.token_noise=1.5"], ["data.token_noise=0.1", "data.token_noise_neighbours=-1"]):
+        with pytest.raises(ConfigError, match="token_noise"):
+            DiTRecipe(tiny_cfg(tmp_path, tokenizer_folder, *bad))
+    with pytest.raises(ConfigError, match="codebook"):
+        DiTRecipe(load_config(DiTTrainConfig, TINY, [f"train.out_dir={tmp_path}", "data.token_noise=0.1",
+                                                     "data.semantic_tokenizer=null"]))
+
+
+def test_continuing_from_an_fp16_folder_trains_fp32_weights(tmp_path, tokenizer_folder):
+    """A shipped DiT folder stores fp16; training on from it keeps fp32 master weights with the same values."""
+    torch.manual_seed(0)
+    from kimia.detokenizer.dit import DiT
+    from kimia.detokenizer.loader import save_dit
+
+    dit = DiT(DiTConfig.from_name("tiny")).half()
+    folder = save_dit(dit, tmp_path / "dit16")
+    recipe = DiTRecipe(tiny_cfg(tmp_path, tokenizer_folder, f"model.init={folder}"))
+    model = recipe.build_model(torch.device("cpu"))
+    params = dict(model.dit.named_parameters())
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params.values())
+    for n, p in dit.named_parameters():
+        assert torch.equal(params[n].detach(), p.detach().float()), n

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kimia.detokenizer.bigvgan import fold_weight_norm_state_dict, load_vocoder
+from kimia.detokenizer.bigvgan import BigVGAN, BigVGANConfig, fold_weight_norm_state_dict, load_vocoder, save_vocoder
 from kimia.detokenizer.mel import MelConfig, mel_frames, mel_spectrogram
 from kimia.train.config import load_config
 from kimia.train.discriminators import (DiscriminatorConfig, Discriminators, discriminator_loss,
@@ -149,3 +149,16 @@ def test_reconstruction_only_training_skips_the_discriminators(tmp_path):
     assert not calls and set(out) == {"loss", "mel_l1", "stft"}
     assert hist[-1]["mel_l1"] < hist[0]["mel_l1"]
     assert (Path(cfg.train.out_dir) / "export" / "model.safetensors").is_file()
+
+
+def test_continuing_from_an_fp16_folder_trains_fp32_weights(tmp_path):
+    """A shipped vocoder folder stores fp16; the generator trained on from it has fp32 master weights."""
+    torch.manual_seed(0)
+    plain = BigVGAN(BigVGANConfig.from_name("tiny")).half()
+    folder = save_vocoder(plain, tmp_path / "voc16")
+    gen = VocoderRecipe(tiny_cfg(tmp_path, f"model.generator={folder}")).build_model(torch.device("cpu")).generator
+    params = list(gen.parameters())
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    mel = torch.randn(1, 80, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(gen.eval()(mel), plain.float()(mel), atol=1e-5, rtol=1e-4)

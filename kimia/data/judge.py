@@ -59,6 +59,13 @@ def said_errors(ref: str, hyp: str) -> tuple[int, int, list[str], list[str]]:
     return prev[-1], len(r), r, h
 
 
+def said_contains(key: str, text: str) -> bool:
+    """Whether the words of `key` occur, in order and adjacent, in `text`, both normalised as said (so a key
+    "54" is found in "fifty four" and in "5, 4" only as "five four")."""
+    k, t = normalize_text(key or "").split(), normalize_text(text or "").split()
+    return bool(k) and any(t[i : i + len(k)] == k for i in range(len(t) - len(k) + 1))
+
+
 def word_errors(ref: str, hyp: str) -> tuple[int, int]:
     """(edit distance in words, reference length) after normalisation."""
     return said_errors(ref, hyp)[:2]

@@ -117,7 +117,7 @@ def score_records(records: list[dict], recipe: Recipe, dataset: str = "", judge=
     elif metric == "speech_wer":
         from kimia.eval.speech import score_spoken
 
-        perf, details = score_spoken({s: by_subset[s] for s in subsets}, _contains)
+        perf, details = score_spoken({s: by_subset[s] for s in subsets})
     elif metric in ("ref_qa", "key_qa", "token_f1", "judge_score"):
         verdicts = judge.score(records, recipe) if judge is not None and metric != "key_qa" else None
         allstats: dict[str, list[float]] = defaultdict(list)

@@ -8,9 +8,10 @@ the model's own encoders). The prediction stored by the runner is a JSON object
 `{"text", "transcript", "audio_path", "audio_s", "first_audio_s", "gen_s"}`.
 
 `score_spoken` (metric `speech_wer`) gives per subset: the corpus WER of the transcript against the model's
-own text answer, how often the answer key (the record's `key`) is in the text and in the transcript, the
-median time to first audio and the real-time factor (generation seconds / answer seconds, summed), and per
-answer the median WER (`wer_median`) and the share of answers with WER <= 50 % (`half_heard`).
+own text answer, how often the answer key (the record's `key`) is in the text and in the transcript (as said
+words, `kimia.data.judge.said_contains`), the median time to first audio and the real-time factor (generation
+seconds / answer seconds, summed), and per answer the median WER (`wer_median`) and the share of answers with
+WER <= 50 % (`half_heard`).
 
 The WER of speech is counted on words as they are *said* (`kimia.data.judge.said_errors`: both sides through
 the corpus judge's normaliser, digits read as number words, symbols read aloud), because the recognizer chooses freely
@@ -26,6 +27,7 @@ import json
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,53 +88,67 @@ def parse_spoken(prediction: str) -> dict[str, Any]:
     return {"text": str(prediction or ""), "transcript": "", "audio_s": 0.0, "first_audio_s": None, "gen_s": 0.0}
 
 
-def score_spoken(records_by_subset: dict[str, list[dict]], contains) -> tuple[dict, list[dict]]:
-    """(performance per subset + overall, per-item details) for spoken-answer predictions."""
-    from kimia.data.judge import said_errors
+@dataclass(frozen=True)
+class _Scored:
+    """One spoken answer, scored."""
+
+    prediction: dict[str, Any]
+    key: str
+    errors: int  # said-words edit distance, transcript vs text
+    words: int  # said words of the text
+    kit: tuple[int, int]  # (errors, words) under the evaluation kit's normaliser
+
+
+def score_spoken(records_by_subset: dict[str, list[dict]]) -> tuple[dict, list[dict]]:
+    """(performance per subset + overall, per-item details) for spoken-answer predictions. The answer key
+    (the record's `key`, else its `answer`) is looked for in the text and in the transcript as said words
+    (`said_contains`), like the WER."""
+    from kimia.data.judge import said_contains, said_errors
     from kimia.eval import metrics as M
 
     perf: dict[str, dict] = {}
     details: list[dict] = []
-    pooled: list[tuple[dict, dict, int, int, tuple[int, int]]] = []
+    pooled: list[_Scored] = []
     for sub, recs in sorted(records_by_subset.items()):
         rows = []
         for r in recs:
             p = parse_spoken(r["prediction"])
-            err, n, ref, hyp = said_errors(p.get("text", ""), p.get("transcript", ""))
-            kit = M.utterance_wer(p.get("text", ""), p.get("transcript", ""), "en")[:2]
+            text, heard = p.get("text", ""), p.get("transcript", "")
+            err, n, ref, hyp = said_errors(text, heard)
             key = str(r.get("key") or r.get("answer") or "")
-            rows.append((r, p, err, n, kit))
+            rows.append(_Scored(p, key, err, n, M.utterance_wer(text, heard, "en")[:2]))
             details.append({"index": r["index"], "subset": sub, "errors": err, "ref_len": n, "ref": " ".join(ref),
-                            "hyp": " ".join(hyp), "key": key, "key_in_text": contains(key, p.get("text", "")),
-                            "key_in_speech": contains(key, p.get("transcript", "")),
+                            "hyp": " ".join(hyp), "key": key, "key_in_text": said_contains(key, text),
+                            "key_in_speech": said_contains(key, heard),
                             "first_audio_s": p.get("first_audio_s"), "audio_s": p.get("audio_s")})
-        perf[sub] = _summary(rows, contains)
+        perf[sub] = _summary(rows)
         pooled += rows
-    perf["overall"] = _summary(pooled, contains)
+    perf["overall"] = _summary(pooled)
     return perf, details
 
 
-def _summary(rows: list[tuple[dict, dict, int, int, tuple[int, int]]], contains) -> dict[str, Any]:
-    err = sum(row[2] for row in rows)
-    words = sum(row[3] for row in rows)
-    kit_err, kit_words = sum(row[4][0] for row in rows), sum(row[4][1] for row in rows)
-    keys = [str(row[0].get("key") or row[0].get("answer") or "") for row in rows]
-    preds = [row[1] for row in rows]
+def _summary(rows: list[_Scored]) -> dict[str, Any]:
+    from kimia.data.judge import said_contains
+
+    err = sum(r.errors for r in rows)
+    words = sum(r.words for r in rows)
+    kit_err, kit_words = sum(r.kit[0] for r in rows), sum(r.kit[1] for r in rows)
+    preds = [r.prediction for r in rows]
     first = [p["first_audio_s"] for p in preds if p.get("first_audio_s") is not None]
     audio = sum(float(p.get("audio_s") or 0.0) for p in preds)
     gen = sum(float(p.get("gen_s") or 0.0) for p in preds)
     n = max(len(rows), 1)
     # per answer: one recognizer hallucination ("8, 8, 8, ...") can move a pooled WER of 30 answers by 60 points;
     # the median answer and the share of answers heard at least half right are steadier
-    per = [row[2] / row[3] for row in rows if row[3]]
+    per = [r.errors / r.words for r in rows if r.words]
     return {
         "wer": round(100.0 * err / words, 2) if words else None, "errors": err, "ref_words": words,
         "wer_kit": round(100.0 * kit_err / kit_words, 2) if kit_words else None,
         "wer_median": round(100.0 * statistics.median(per), 2) if per else None,
         "half_heard": round(100.0 * sum(x <= 0.5 for x in per) / len(per), 2) if per else None,
         "utterances": len(rows), "silent": sum(1 for p in preds if not p.get("audio_s")),
-        "key_in_text": round(100.0 * sum(contains(k, p.get("text", "")) for k, p in zip(keys, preds)) / n, 2),
-        "key_in_speech": round(100.0 * sum(contains(k, p.get("transcript", "")) for k, p in zip(keys, preds)) / n, 2),
+        "key_in_text": round(100.0 * sum(said_contains(r.key, r.prediction.get("text", "")) for r in rows) / n, 2),
+        "key_in_speech": round(100.0 * sum(said_contains(r.key, r.prediction.get("transcript", "")) for r in rows) / n, 2),
         "first_audio_s_median": round(statistics.median(first), 3) if first else None,
         "rtf": round(gen / audio, 3) if audio else None,
     }

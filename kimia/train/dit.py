@@ -12,6 +12,10 @@ is exactly what the streaming detokenizer computes with its KV cache (tests chec
 masked forward trains both the first chunk (no prefix) and later chunks; the loss covers the chunk only.
 (The detokenizer builds its prefix chunk by chunk, block-causally; training treats the prefix as one block.)
 
+At inference the ids come from the LLM, which gets many of them wrong, mostly for a near code (a row close in
+the tokenizer's codebook). `data.token_noise` trains for that: ids are replaced at that rate by one of their
+nearest codebook rows, the mel target staying the clean one.
+
 Mel: `kimia.detokenizer.mel` (the vocoder's input), normalised by a scalar mean/std measured on the training
 data (or given), stored in the exported DiTConfig (`normalize_mel`, `mel_mean`, `mel_std`) so the streaming
 detokenizer de-normalises its output. Semantic ids come from a trained semantic tokenizer folder applied to
@@ -69,6 +73,11 @@ class DiTDataSpec:
     max_chunk_tokens: int = 30
     max_prefix_tokens: int = 30
     prefix_prob: float = 0.5
+    # robustness to the LLM's codes: each 12.5 Hz id of a training sequence (prefix and chunk) is replaced
+    # with probability `token_noise` by one of its `token_noise_neighbours` nearest codebook rows (squared L2
+    # in the semantic tokenizer's codebook; 0 = any code, uniformly). The mel target stays the clean one.
+    token_noise: float = 0.0
+    token_noise_neighbours: int = 32
 
 
 @dataclass
@@ -218,7 +227,13 @@ class DiTRecipe(Recipe):
         if not 1 <= d.min_chunk_tokens <= d.max_chunk_tokens or d.max_prefix_tokens < 0 or not 0 <= d.prefix_prob <= 1:
             raise ConfigError("data: need 1 <= min_chunk_tokens <= max_chunk_tokens, max_prefix_tokens >= 0, "
                               "0 <= prefix_prob <= 1")
+        if not 0 <= d.token_noise <= 1 or d.token_noise_neighbours < 0:
+            raise ConfigError("data: need 0 <= token_noise <= 1 and token_noise_neighbours >= 0")
+        if d.token_noise > 0 and d.token_noise_neighbours > 0 and not d.semantic_tokenizer:
+            raise ConfigError("data.token_noise with token_noise_neighbours > 0 needs data.semantic_tokenizer (its "
+                              "codebook says which codes are near); set token_noise_neighbours: 0 for uniform codes")
         self._dataset = dataset
+        self._neighbours: torch.Tensor | None = None
         self.init_folder: Path | None = None
         self._tokenizer = None
         init = cfg.model.init
@@ -245,6 +260,28 @@ class DiTRecipe(Recipe):
 
             self._tokenizer = load_semantic_tokenizer(self.cfg.data.semantic_tokenizer, device="cpu")
         return self._tokenizer
+
+    def neighbours(self) -> torch.Tensor:
+        """[V, k] ids of each code's k nearest other codebook rows (squared L2), nearest first."""
+        if self._neighbours is None:
+            cb = self.tokenizer().encoder.codebook.weight.detach().float()
+            k = min(self.cfg.data.token_noise_neighbours, cb.shape[0] - 1)
+            d2 = (cb * cb).sum(1)[:, None] + (cb * cb).sum(1)[None, :] - 2 * cb @ cb.T
+            d2.fill_diagonal_(float("inf"))
+            self._neighbours = d2.topk(k, dim=1, largest=False).indices
+        return self._neighbours
+
+    def corrupt(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [n] with each entry replaced by probability `data.token_noise` (draws: torch's default generator)."""
+        d = self.cfg.data
+        hit = torch.rand(ids.shape[0]) < d.token_noise
+        if d.token_noise_neighbours > 0:
+            table = self.neighbours()
+            other = table[ids, torch.randint(0, table.shape[1], ids.shape)]
+        else:  # the codes the tokenizer makes (the DiT may have more embedding rows)
+            V = self.tokenizer().encoder.cfg.quantize_vocab_size if d.semantic_tokenizer else self.dit_cfg.semantic_vocab_size
+            other = torch.randint(0, V, ids.shape)
+        return torch.where(hit, other, ids)
 
     def dataset(self) -> Sequence:
         if self._dataset is None:
@@ -291,7 +328,8 @@ class DiTRecipe(Recipe):
     def build_model(self, device: torch.device) -> nn.Module:
         model = FlowMatchingDiT(self.dit_cfg, self.cfg.flow)
         if self.init_folder is not None:
-            model.dit = load_dit(self.init_folder).requires_grad_(True).train()
+            # fp32 master weights whatever the folder stores (a shipped folder is fp16)
+            model.dit = load_dit(self.init_folder, dtype=torch.float32).requires_grad_(True).train()
             if self.dit_cfg.normalize_mel:
                 model.mel_mean.fill_(float(self.dit_cfg.mel_mean))
                 model.mel_std.fill_(float(self.dit_cfg.mel_std))
@@ -322,7 +360,10 @@ class DiTRecipe(Recipe):
             s = int(torch.randint(p, ids.shape[0] - c + 1, ()))  # chunk start (tokens)
             a, b = (s - p) * UPSAMPLE, (s + c) * UPSAMPLE
             mels.append(mel[a:b])
-            toks.append(ids[s - p : s + c].repeat_interleave(UPSAMPLE))
+            seq = ids[s - p : s + c]
+            if d.token_noise > 0:
+                seq = self.corrupt(seq)
+            toks.append(seq.repeat_interleave(UPSAMPLE))
             base = min(a, self.dit_cfg.max_positions - (b - a))
             pos.append(torch.arange(base, base + b - a))
         B = len(items)

@@ -224,7 +224,7 @@ class VocoderRecipe(Recipe):
     def build_model(self, device: torch.device) -> nn.Module:
         model = VocoderGAN(self.gen_cfg, self.disc_cfg, self.cfg.loss)
         if self.init_folder is not None:
-            plain = load_vocoder(self.init_folder)
+            plain = load_vocoder(self.init_folder, dtype=torch.float32)  # fp32 master weights (folders may be fp16)
             for conv in plain.weighted_convs():  # re-parametrise: g, v computed from the loaded weights
                 nn.utils.parametrizations.weight_norm(conv, dim=0)
             plain.requires_grad_(True)
