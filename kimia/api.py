@@ -22,6 +22,7 @@ Length limits are configuration (`Budgets`) and raise `BudgetError`.
 from __future__ import annotations
 
 import codecs
+import io
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -245,7 +246,7 @@ class KimiAudio:
         return seed
 
     def voice_prompt(self, audio: Any, sample_rate: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reference voice for the detokenizer: audio (path, file bytes, array/tensor at `sample_rate`,
+        """A reference voice for the detokenizer: audio (path, file bytes or an open binary file, array/tensor at `sample_rate`,
         default 16 kHz for arrays, or a `(array, sample_rate)` pair) -> (mel [4n, 80] float32, the 24 kHz
         log-mel of `kimia.detokenizer.mel`; semantic ids [n] long, from the loaded tokenizer at 16 kHz),
         trimmed to the same length (`upsample_factor` mel frames per token). Reuse it across calls."""
@@ -254,6 +255,8 @@ class KimiAudio:
 
         if isinstance(audio, (tuple, list)) and len(audio) == 2 and isinstance(audio[1], (int, np.integer)):
             audio, sample_rate = audio[0], int(audio[1])
+        if isinstance(audio, io.IOBase):  # read once: it is decoded twice below (24 kHz mel, 16 kHz ids)
+            audio = audio.read()
         if isinstance(audio, (np.ndarray, torch.Tensor)) and sample_rate is None:
             sample_rate = 16000
         name = f"speaker_prompt {audio}" if isinstance(audio, (str, os.PathLike)) else "speaker_prompt audio"

@@ -4,6 +4,8 @@ folder of test_api.py."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -139,6 +141,9 @@ def test_speaker_prompt_from_audio(model, clip):
     assert mel.shape[1] == 80 and mel.shape[0] == 4 * ids.shape[0] > 0
     assert torch.equal(ids, model.parts.semantic_tokenizer.tokenize(load_audio(clip))[0][: ids.shape[0]])
     assert torch.equal(mel, mel_frames(load_audio(clip, target_sr=24000))[: mel.shape[0]])
+    with open(clip, "rb") as f:  # an open file is read once, not exhausted by the first of its two decodes
+        from_stream = model.voice_prompt(io.BytesIO(f.read()))
+    assert torch.equal(from_stream[0], mel) and torch.equal(from_stream[1], ids)
     voiced, vtext = model.generate(msgs, speaker_prompt=clip, **kw)
     assert vtext == text and voiced.shape == plain.shape and not torch.equal(voiced, plain)
     (end,) = [e for e in model.generate_stream(msgs, **kw) if e.__class__.__name__ == "StreamEnd"]
