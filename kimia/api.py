@@ -246,8 +246,8 @@ class KimiAudio:
         return seed
 
     def voice_prompt(self, audio: Any, sample_rate: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reference voice for the detokenizer: audio (path, file bytes or an open binary file, array/tensor at `sample_rate`,
-        default 16 kHz for arrays, or a `(array, sample_rate)` pair) -> (mel [4n, 80] float32, the 24 kHz
+        """A reference voice for the detokenizer: audio (path, file bytes or an open binary file, array/tensor
+        at `sample_rate`, default 16 kHz for arrays, or a `(array, sample_rate)` pair) -> (mel [4n, 80] float32, the 24 kHz
         log-mel of `kimia.detokenizer.mel`; semantic ids [n] long, from the loaded tokenizer at 16 kHz),
         trimmed to the same length (`upsample_factor` mel frames per token). Reuse it across calls."""
         from kimia.audio import load_audio
