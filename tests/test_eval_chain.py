@@ -51,9 +51,11 @@ def test_links_are_heard_separately_and_the_lm_is_teacher_forced(corpus, model):
     lm = res["lm"]
     assert lm["rows"] == 2 and lm["codes"] > 0 and 0.0 <= lm["accuracy"] <= 100.0
     assert lm["cross_entropy"] > 0 and lm["perplexity"] == pytest.approx(2.718281828 ** lm["cross_entropy"], rel=1e-2)
-    assert all(set(t) >= {"original", "vocoder", "dit", "lm_accuracy"} for t in transcripts)
+    assert all(set(t) >= {"original", "vocoder", "dit", "lm_accuracy", "lm_free_edit_rate"} for t in transcripts)
+    assert res["lm_free"]["asked"] == 2  # a random model does not say the reference text
+    assert res["lm_free"]["rows"] == 0 and res["lm_free"]["edit_rate"] is None
     table = format_chain(res, "tiny")
-    assert "original" in table and "teacher-forced, 2 answers" in table
+    assert "original" in table and "teacher-forced, 2 answers" in table and "none of 2 answers" in table
 
 
 def test_teacher_forced_prompt_is_the_training_prompt(corpus, model):
@@ -85,6 +87,42 @@ def test_teacher_forced_prompt_is_the_training_prompt(corpus, model):
             assert torch.equal(got.audio_loss_mask, want.audio_loss_mask)
     finally:
         model.prompt_builder.build = real_build
+
+
+def _levenshtein(a: list[int], b: list[int]) -> int:
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[-1]
+
+
+def test_free_running_compares_codes_where_the_text_is_the_reference(corpus, model):
+    """The model's own greedy answer: with its text as the reference and its codes as the recording's, the
+    edit distance is 0; codes substituted and dropped cost their Levenshtein distance; another text, or a row
+    with history, is not compared."""
+    from kimia.api import StreamEnd
+    from kimia.eval.chain import _question, chain_rows, format_chain, free_running
+
+    row = next(r for r in chain_rows([corpus / "manifests" / "spoken_qa_train.jsonl"]) if r["audio"])
+    steps = 40
+    probe = [e for e in model.generate_stream(_question(row), output_type="both", max_new_tokens=steps, seed=0)
+             if isinstance(e, StreamEnd)][0]
+    ref = [int(c) for c in probe.audio_ids]
+    assert len(ref) >= 8 and probe.text.strip()
+    own = {**row, "text": probe.text}
+    assert free_running(model, own, ref, max_new_tokens=steps) == (0, len(ref))
+    bad = [c + 1 if i in (1, 3, 5) else c for i, c in enumerate(ref)][:-1]
+    assert free_running(model, own, bad, max_new_tokens=steps) == (_levenshtein(bad, ref), len(bad))
+    assert _levenshtein(bad, ref) > 0
+    assert free_running(model, {**row, "text": probe.text + " and more words"}, ref, max_new_tokens=steps) is None
+    assert free_running(model, {**own, "history": [{"role": "user"}]}, ref, max_new_tokens=steps) is None
+    heard = {"wer": 0.0, "errors": 0, "words": 1, "keys_heard": None}
+    res = {"rows": 1, "original": heard, "vocoder": heard, "dit": heard, "lm": {"rows": 0, "codes": 0},
+           "lm_free": {"asked": 1, "rows": 1, "codes": len(bad), "edit_rate": 12.5}}
+    assert "1 of 1 answers say the reference text" in format_chain(res)
 
 
 def test_cli_writes_the_chain_and_refuses_manifests_without_answers(corpus, tmp_path, capsys):

@@ -105,7 +105,8 @@ def test_eval_ran_on_the_toy_eval_manifest(run):
     assert (Path(r["run_dir"]) / "predictions.jsonl").read_text().strip()
     # the speech chain ran on the held-out spoken answers and its row is in the card
     chain = summary["chain"]
-    assert chain["items"] >= 1 and set(chain["value"]) >= {"wer", "original", "vocoder", "lm_code_accuracy"}
+    assert chain["items"] >= 1 and set(chain["value"]) >= {"wer", "original", "vocoder", "lm_code_accuracy",
+                                                           "lm_free_code_edit_rate"}
     assert json.loads((Path(chain["run_dir"]) / "chain.json").read_text())["rows"] == chain["items"]
     card = (work / "assemble" / "model" / "README.md").read_text()
     assert "| chain | chain | resynthesis WER |" in card

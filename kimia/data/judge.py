@@ -49,14 +49,10 @@ RULES = {
 def said_errors(ref: str, hyp: str) -> tuple[int, int, list[str], list[str]]:
     """(edit distance in words, reference length, reference words, transcript words) of a text against what a
     recognizer heard, both normalised as said (`texts.normalize_text`: digits as number words)."""
+    from kimia.eval.metrics import edit_distance
+
     r, h = normalize_text(ref or "").split(), normalize_text(hyp or "").split()
-    prev = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        cur = [i] + [0] * len(h)
-        for j, hw in enumerate(h, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
-        prev = cur
-    return prev[-1], len(r), r, h
+    return edit_distance(r, h), len(r), r, h
 
 
 def said_contains(key: str, text: str) -> bool:

@@ -12,6 +12,10 @@ spoken_qa / dialogue / speak tasks) and measures what each link keeps:
                question, audio or text, and the answer's own text): accuracy of its most likely code and the
                mean cross-entropy, the quantities its training minimised. Rows with an earlier history
                (dialogue's second turn) are heard but not teacher-forced.
+- `lm_free`:   free-running, the model answers the same question itself (greedy text and audio); where its text
+               is the reference text (as said words), its codes are compared with the recording's: the code
+               edit rate (Levenshtein distance / reference codes). The output voice is one deterministic TTS
+               voice, so the same words have one right code sequence; this is what the DiT is given.
 
 The judge is Whisper base (`kimia.eval.speech`, the same one that scores the model's own spoken answers); each
 heard link gets the WER against the reference text, counted as `kimia.data.judge.said_errors` counts the
@@ -32,7 +36,8 @@ import torch.nn.functional as F
 
 from kimia.errors import ConfigError
 
-__all__ = ["HEARD_LINKS", "chain_rows", "format_chain", "measure_chain", "teacher_forced", "write_chain"]
+__all__ = ["HEARD_LINKS", "chain_rows", "format_chain", "free_running", "measure_chain", "teacher_forced",
+           "write_chain"]
 
 HEARD_LINKS = ("original", "vocoder", "dit")
 
@@ -63,6 +68,18 @@ def chain_rows(manifests: Sequence[str | Path], limit: int = 0) -> list[dict[str
     return rows[:limit] if limit > 0 else rows
 
 
+def _question(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The user turn of a row (text question, audio, or both) as messages."""
+    msgs: list[dict[str, Any]] = []
+    if row["audio"]:
+        if row["question"]:
+            msgs.append({"role": "user", "message_type": "text", "content": row["question"]})
+        msgs += [{"role": "user", "message_type": "audio", "content": a} for a in row["audio"]]
+    else:
+        msgs.append({"role": "user", "message_type": "text", "content": row["question"]})
+    return msgs
+
+
 def teacher_forced(model: Any, row: dict[str, Any]) -> tuple[float, int, int] | None:
     """(summed cross-entropy, correct codes, codes) of the LLM's audio head on the answer of one row, or None
     for a row with history. The prompt is built as training builds it (the answer as `audio-text`, speech
@@ -71,13 +88,7 @@ def teacher_forced(model: Any, row: dict[str, Any]) -> tuple[float, int, int] | 
 
     if row["history"]:
         return None
-    msgs: list[dict[str, Any]] = []
-    if row["audio"]:
-        if row["question"]:
-            msgs.append({"role": "user", "message_type": "text", "content": row["question"]})
-        msgs += [{"role": "user", "message_type": "audio", "content": a} for a in row["audio"]]
-    else:
-        msgs.append({"role": "user", "message_type": "text", "content": row["question"]})
+    msgs = _question(row)
     msgs.append({"role": "assistant", "message_type": "audio-text", "content": [row["target"], row["text"]]})
     pb = model.prompt_builder.build(msgs, output_type="both", add_assistant_start=False, speech_targets=True)
     c = model.parts.lm.config
@@ -96,6 +107,30 @@ def teacher_forced(model: Any, row: dict[str, Any]) -> tuple[float, int, int] | 
     labels = b.audio_labels[0][mask].to(dev)
     ce = float(F.cross_entropy(logits, labels, reduction="sum"))
     return ce, int((logits.argmax(-1) == labels).sum()), int(mask.sum())
+
+
+def free_running(model: Any, row: dict[str, Any], ref_ids: Sequence[int], max_new_tokens: int | None = None
+                 ) -> tuple[int, int] | None:
+    """(code edit distance, reference codes) of the model's own greedy answer to a row's question against the
+    recording's codes `ref_ids`, or None when its text is not the reference text (as said words) or the row
+    has history. `max_new_tokens` default: twice the reference codes + 32 (text and delayed audio share the
+    steps)."""
+    from kimia.api import StreamEnd
+    from kimia.data.judge import said_errors
+    from kimia.eval.metrics import edit_distance
+
+    if row["history"]:
+        return None
+    end = None
+    budget = max_new_tokens if max_new_tokens is not None else 2 * len(ref_ids) + 32
+    for ev in model.generate_stream(_question(row), output_type="both", max_new_tokens=budget, seed=0,
+                                    audio_temperature=0.0, text_temperature=0.0):
+        if isinstance(ev, StreamEnd):
+            end = ev
+    if end is None or said_errors(row["text"], end.text)[0] != 0:
+        return None
+    ref = [int(x) for x in ref_ids]
+    return edit_distance([str(x) for x in ref], [str(int(x)) for x in end.audio_ids]), len(ref)
 
 
 def measure_chain(model: Any, rows: Sequence[dict[str, Any]], judge: Any = None,
@@ -126,6 +161,7 @@ def measure_chain(model: Any, rows: Sequence[dict[str, Any]], judge: Any = None,
     errors: dict[str, list[tuple[int, int]]] = {k: [] for k in HEARD_LINKS}
     keys: dict[str, list[bool]] = {k: [] for k in HEARD_LINKS}
     ce = correct = codes = forced = 0
+    free_err = free_codes = free_rows = asked = 0
     for row in rows:
         w24 = load_audio(row["target"], target_sr=MEL_RATE, name=f"target of {row['index']}")
         w16 = load_audio(w24, MEL_RATE, target_sr=16000, name=f"target of {row['index']}")  # one file read
@@ -141,9 +177,14 @@ def measure_chain(model: Any, rows: Sequence[dict[str, Any]], judge: Any = None,
         tf = teacher_forced(model, row)
         if tf is not None:
             ce, correct, codes, forced = ce + tf[0], correct + tf[1], codes + tf[2], forced + 1
+        fr = free_running(model, row, ids.tolist())
+        asked += not row["history"]
+        if fr is not None:
+            free_err, free_codes, free_rows = free_err + fr[0], free_codes + fr[1], free_rows + 1
         if transcripts is not None:
             transcripts.append({"index": row["index"], "text": row["text"], **heard,
-                                "lm_accuracy": None if tf is None else round(tf[1] / tf[2], 4)})
+                                "lm_accuracy": None if tf is None else round(tf[1] / tf[2], 4),
+                                "lm_free_edit_rate": None if fr is None else round(fr[0] / max(fr[1], 1), 4)})
     out: dict[str, Any] = {"rows": len(rows)}
     for k in HEARD_LINKS:
         e, n = sum(x[0] for x in errors[k]), sum(x[1] for x in errors[k])
@@ -153,6 +194,8 @@ def measure_chain(model: Any, rows: Sequence[dict[str, Any]], judge: Any = None,
                  "accuracy": round(100.0 * correct / codes, 2) if codes else None,
                  "cross_entropy": round(ce / codes, 4) if codes else None,
                  "perplexity": round(math.exp(ce / codes), 2) if codes else None}
+    out["lm_free"] = {"asked": asked, "rows": free_rows, "codes": free_codes,
+                      "edit_rate": round(100.0 * free_err / free_codes, 2) if free_codes else None}
     return out
 
 
@@ -170,6 +213,12 @@ def format_chain(result: dict[str, Any], title: str = "") -> str:
                      f"cross-entropy {lm['cross_entropy']:.3f} (perplexity {lm['perplexity']:.1f})")
     else:
         lines.append("lm (teacher-forced): no row without history")
+    fr = result.get("lm_free") or {}
+    if fr.get("codes"):
+        lines.append(f"lm (free-running, greedy; {fr['rows']} of {fr['asked']} answers say the reference text, "
+                     f"{fr['codes']} codes): code edit rate {fr['edit_rate']:.2f} %")
+    elif fr:
+        lines.append(f"lm (free-running, greedy): none of {fr['asked']} answers says the reference text")
     return "\n".join(lines)
 
 

@@ -885,7 +885,8 @@ def run_chain_eval(model_dir: Path, manifest: str, out: Path, limit: int) -> dic
                str(out)])
     r = json.loads((out / "chain.json").read_text())
     value = {"wer": r["dit"]["wer"], "original": r["original"]["wer"], "vocoder": r["vocoder"]["wer"],
-             "lm_code_accuracy": r["lm"]["accuracy"], "lm_cross_entropy": r["lm"]["cross_entropy"]}
+             "lm_code_accuracy": r["lm"]["accuracy"], "lm_cross_entropy": r["lm"]["cross_entropy"],
+             "lm_free_code_edit_rate": r["lm_free"]["edit_rate"], "lm_free_rows": r["lm_free"]["rows"]}
     return {"recipe": "chain", "metric": "resynthesis WER", "value": value, "items": r["rows"], "run_dir": str(out)}
 
 
