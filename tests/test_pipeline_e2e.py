@@ -215,3 +215,19 @@ def test_a_run_continues_an_assembled_folder_on_clip_length_features(run, tmp_pa
         load_pipeline_config(TINY, [f"work_dir={cont}", "from_model.stages=[lm]"])
     with pytest.raises(ConfigError, match="whisper.padding"):
         load_pipeline_config(TINY, [f"work_dir={cont}", "whisper.padding=none"])
+
+
+def test_an_option_added_later_leaves_finished_stages_finished_while_off(run):
+    """The DiT's token_noise came after runs were made: off, the dit stage's fingerprint has no trace of it (a
+    finished stage stays finished); on, it is a different stage."""
+    from kimia.train.pipeline import _fingerprint
+
+    work, _ = run
+    off = Pipeline(load_pipeline_config(TINY, [f"work_dir={work}"])).stage_settings("dit")
+    assert not {"token_noise", "token_noise_neighbours"} & set(off["data"])
+    assert _fingerprint(off) == json.loads((work / "dit" / MARKER).read_text())["fingerprint"]
+    dit_over = yaml.safe_load(TINY.read_text())["dit"]["overrides"]
+    on = Pipeline(load_pipeline_config(TINY, [f"work_dir={work}", f"dit.overrides=[{','.join(dit_over)},data.token_noise=0.2]"]))
+    assert on.stage_settings("dit")["data"]["token_noise"] == 0.2
+    with pytest.raises(ConfigError, match="dit.*--force dit"):
+        on.run(["dit"])

@@ -84,6 +84,11 @@ EVAL_TASKS: dict[str, tuple[str, str, dict[str, str]]] = {
     "pocketsphinx": ("real:pocketsphinx", "asr", {}),
 }
 EVAL_RECIPES = {k: v[1] for k, v in EVAL_TASKS.items()}
+# recipe options added after pipelines were run: stage -> section -> ({key: its "off" value}, keys that only
+# matter when it is on). Off, they are left out of the stage's fingerprint, so a finished stage stays finished.
+ADDED_OFF: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
+    "dit": {"data": ({"token_noise": 0.0}, ("token_noise_neighbours",))},
+}
 # the shipped model's floors (issue 6) shown beside each figure of the model card: (lower is better, bound)
 EVAL_FLOORS: dict[str, tuple[bool, float]] = {"asterisk": (True, 25.0), "asr": (True, 10.0), "spoken_qa": (False, 90.0),
                                               "sound": (False, 90.0), "speech": (True, 20.0)}
@@ -328,6 +333,11 @@ class Pipeline:
                 d["train"].pop(k, None)
             d["train"].pop("steps", None)  # training longer is not a different stage (--force continues it)
             d["optim"].pop("min_lr_ratio", None)
+            for section, (off, dependent) in ADDED_OFF.get(stage, {}).items():
+                sec = d.get(section, {})
+                if all(sec.get(k) == v for k, v in off.items()):  # off: a stage run before the option existed
+                    for k in (*off, *dependent):  # keeps its fingerprint
+                        sec.pop(k, None)
             return d
         if stage == "corpus":
             return to_dict(self.cfg.corpus)
