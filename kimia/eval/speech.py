@@ -138,8 +138,9 @@ def _summary(rows: list[_Scored]) -> dict[str, Any]:
     audio = sum(float(p.get("audio_s") or 0.0) for p in preds)
     gen = sum(float(p.get("gen_s") or 0.0) for p in preds)
     n = max(len(rows), 1)
-    # per answer: one recognizer hallucination ("8, 8, 8, ...") can move a pooled WER of 30 answers by 60 points;
-    # the median answer and the share of answers heard at least half right are steadier
+    # per answer: the judge bounds a recognizer loop ("8, 8, 8, ...") by the answer's length (token_budget), yet
+    # one garbled answer still moves a pooled WER of 30 answers by several points; the median answer and the
+    # share of answers heard at least half right are steadier
     per = [r.errors / r.words for r in rows if r.words]
     return {
         "wer": round(100.0 * err / words, 2) if words else None, "errors": err, "ref_words": words,
