@@ -175,3 +175,25 @@ def test_key_qa_scores_the_answer_key():
             {"index": 1, "answer": "Two plus two is four.", "key": "four", "prediction": "Two plus two is fourteen."}]
     perf, _, _ = score_records(recs, load_recipe("spoken_qa"))
     assert perf["overall"]["score"] == 50.0
+
+
+def test_spoken_answers_are_heard_outside_the_model_process():
+    """Once CTranslate2 (its own OpenMP runtime) has run in a process, every later answer of the model there is
+    slower (first audio 0.70 -> 0.97 s median, measured), so the speech eval's recognizer runs in a process of its
+    own: the process that times the answers never loads it, and the transcript still comes back."""
+    import subprocess
+    import sys
+
+    from kimia.audio import example_path
+    from kimia.data.judge import wer
+
+    code = ("import sys, soundfile as sf\n"
+            "from kimia.eval.speech import hear\n"
+            "audio, sr = sf.read(sys.argv[1], dtype='float32')\n"
+            "assert sr == 16000\n"
+            "print(hear(audio))\n"
+            "print('ctranslate2' in sys.modules, 'faster_whisper' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(example_path("demo_question.flac"))], capture_output=True,
+                         text=True, timeout=300, check=True).stdout.strip().splitlines()
+    assert wer("What is five times three?", out[0]) <= 0.2, out
+    assert out[-1] == "False False", out
