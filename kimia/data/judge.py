@@ -19,6 +19,7 @@ token after every word, about 2.5 times what ordinary speech needs, so real spee
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ MAX_NEW_TOKENS = 440  # Whisper's 448 positions less the prompt (start, language
 
 def token_budget(seconds: float) -> int:
     """New tokens the judge lets Whisper write for `seconds` of audio (per 30 s window)."""
-    return min(MAX_NEW_TOKENS, BUDGET_FLOOR + int(TOKENS_PER_SECOND * min(max(seconds, 0.0), WINDOW_SECONDS) + 0.999))
+    return min(MAX_NEW_TOKENS, BUDGET_FLOOR + math.ceil(TOKENS_PER_SECOND * min(max(seconds, 0.0), WINDOW_SECONDS)))
 
 
 @dataclass(frozen=True)
