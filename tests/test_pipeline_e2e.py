@@ -17,9 +17,9 @@ import pytest
 import yaml
 import torch
 
-from kimia.errors import CheckpointError, ConfigError
+from kimia.errors import CheckpointError, ConfigError, KimiaError
 from kimia.train.cli import main as train_main
-from kimia.train.pipeline import MARKER, STAGES, Pipeline, load_pipeline_config
+from kimia.train.pipeline import MARKER, STAGES, Pipeline, load_pipeline_config, run_quick_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pipeline" / "tiny.yaml"
@@ -151,6 +151,13 @@ def test_a_redone_stage_makes_its_users_stale(run, tmp_path):
 def test_unknown_stage_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown stage"):
         load_pipeline_config(TINY, [f"work_dir={tmp_path}", "stages=[vq,nope]"])
+
+
+def test_a_failing_eval_task_stops_the_stage_with_its_command_and_reason(tmp_path, capfd):
+    # each eval task runs `kimia eval` in a fresh process: its exit code and its own message come back
+    with pytest.raises(KimiaError, match=r"kimia eval --model .* --data .*missing\.jsonl .* exit code 2"):
+        run_quick_eval(tmp_path / "no_model", str(tmp_path / "missing.jsonl"), "asr", tmp_path / "runs", 1, 8)
+    assert "missing.jsonl does not exist" in capfd.readouterr().err
 
 
 def test_packaged_whisper_is_referenced_by_checksum_and_verified(tmp_path):
