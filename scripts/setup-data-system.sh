@@ -3,7 +3,7 @@
 #
 # Speech engines: espeak-ng (+ mbrola voices, Debian non-free), pico (libttspico-utils, non-free), flite,
 # festival with its diphone and HTS voices. Sound sources: sound-theme-freedesktop, sound-icons.
-# Text sources: fortunes (fortune-mod data), word lists (wamerican, wbritish).
+# Text sources: fortunes (fortune-mod data), WordNet's usage examples (wordnet-base), word lists (wamerican, wbritish).
 # Real human speech, evaluation only (`kimia eval --build asterisk|pocketsphinx`, the pipeline's eval stage):
 # asterisk-core-sounds-en-g722 + asterisk-core-sounds-en (transcripts), pocketsphinx-testdata.
 # Debian ships mbrola and pico only in the non-free component: on Debian this script adds a
@@ -12,7 +12,7 @@
 set -euo pipefail
 
 MAIN_PKGS="espeak-ng sox libsox-fmt-all flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
- sound-theme-freedesktop sound-icons fortunes fortunes-min wamerican wbritish
+ sound-theme-freedesktop sound-icons fortunes fortunes-min wordnet-base wamerican wbritish
  asterisk-core-sounds-en-g722 asterisk-core-sounds-en pocketsphinx-testdata"
 NONFREE_PKGS="mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 libttspico-utils
  mbrola-de1 mbrola-de2 mbrola-de3 mbrola-de4 mbrola-de5 mbrola-de6 mbrola-gr2 mbrola-ro1 mbrola-nl2

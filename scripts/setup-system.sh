@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # System packages kimia's tests and data tools use (Debian/Ubuntu). Safe to re-run.
 # espeak-ng: real synthetic speech for tests and the corpus builder; sox: audio inspection;
-# chromium + chromium-driver: the headless browser test of the web page.
+# chromium + chromium-driver: the headless browser test of the web page; wordnet-base: the corpus' WordNet
+# sentence pool (kimia.data.texts.wordnet_sentences).
 set -euo pipefail
-PKGS="espeak-ng sox chromium chromium-driver"
+PKGS="espeak-ng sox chromium chromium-driver wordnet-base"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -z "$missing" ]; then echo "system packages present:$PKGS"; exit 0; fi

@@ -88,6 +88,27 @@ def test_plan_is_reproducible_and_balanced(tmp_path):
     assert all(ids[i["id"]] == i for i in a)
 
 
+def test_wordnet_widens_the_read_speech_pool(tmp_path):
+    from kimia.data.texts import fortune_sentences, sentence_pool, wordnet_sentences
+    from kimia.errors import ConfigError
+
+    wn = wordnet_sentences()
+    assert len(wn) > 20000  # WordNet 3.0's usage examples that pass the filter (~33k)
+    assert all(4 <= len(s.split()) <= 18 and s[0].isupper() and s[-1] in ".?!" for s in wn)
+    joined = sentence_pool(("fortune", "wordnet"))
+    assert set(wn) | set(fortune_sentences()) == set(joined)
+    out_voice = resolve_output_voice("espeak:en-us+m3", ["espeak"])
+    texts = {src: [i["clips"][0]["text"] for i in plan(SynthConfig(out=tmp_path, hours=0.3, engines=("espeak",),
+                                                                   tasks=("asr",), text_sources=src),
+                                                       ["espeak"], out_voice)]
+             for src in (("fortune",), ("fortune", "wordnet"))}
+    wn_only = set(wn) - set(fortune_sentences())
+    assert not any(t in wn_only for t in texts[("fortune",)])  # the default corpus is the one it always was
+    assert sum(t in wn_only for t in texts[("fortune", "wordnet")]) > 0.5 * len(texts[("fortune", "wordnet")])
+    with pytest.raises(ConfigError, match="unknown text source"):
+        SynthConfig(out=tmp_path, hours=0.1, engines=("espeak",), text_sources=("fortune", "gutenberg"))
+
+
 def test_split_is_by_sentence():
     rng = random.Random(0)
     qs = [spoken_question(rng).question for _ in range(400)]

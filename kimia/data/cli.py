@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
     from kimia.data.synth import ALL_TASKS, EXTRA_TASKS, TASKS
+    from kimia.data.texts import TEXT_SOURCES
 
     p = subparsers.add_parser("data", help="build training/evaluation data (synthetic speech corpus)")
     sub = p.add_subparsers(dest="data_command", required=True)
@@ -34,6 +35,9 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--task-weight", nargs="+", default=[], metavar="TASK=W",
                    help="share of the hours per task, e.g. asr=3 spoken_qa=1.2 (unnamed tasks: 1)")
     s.add_argument("--no-augment", action="store_true", help="no channel augmentation of the train split")
+    s.add_argument("--text-sources", nargs="+", default=["fortune"], choices=list(TEXT_SOURCES), metavar="SOURCE",
+                   help="sentence pools of the read speech: fortune (~4.7k sentences), wordnet (+~33k usage "
+                        "examples, Debian wordnet-base)")
     s.add_argument("--no-judge", action="store_true", help="skip the Whisper intelligibility check")
     s.add_argument("--eval-fraction", type=float, default=0.1, help="share of sentences held out for evaluation")
     s.add_argument("--output-voice", default="kokoro:jm_kumo",
@@ -60,7 +64,8 @@ def run_data_cli(args: argparse.Namespace) -> int:
             raise ConfigError(f"--task-weight wants TASK=WEIGHT, got {kv!r}")
     cfg = SynthConfig(task_weights=weights or None, augment=not args.no_augment, out=args.out, hours=args.hours, seed=args.seed, jobs=args.jobs, engines=tuple(args.engines),
                       tasks=tuple(args.tasks), judge=not args.no_judge, eval_fraction=args.eval_fraction,
-                      output_voice=args.output_voice, progress=not args.no_progress)
+                      output_voice=args.output_voice, progress=not args.no_progress,
+                      text_sources=tuple(args.text_sources))
     summary = build_corpus(cfg)
     print(format_summary(summary))
     print(f"summary written to {cfg.out / 'summary.json'}")

@@ -78,6 +78,7 @@ class SynthConfig:
     stop_after: int | None = None
     task_weights: dict[str, float] | None = None  # share of `hours` per task (default: equal shares)
     augment: bool = True  # train items get a seeded channel (band limit, noise, reverb); eval items stay clean
+    text_sources: tuple[str, ...] = ("fortune",)  # read-speech sentence pools (kimia.data.texts.TEXT_SOURCES)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -92,6 +93,8 @@ class SynthConfig:
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         self.jobs = max(1, int(self.jobs))
+        self.text_sources = tuple(self.text_sources)
+        texts.sentence_pool(self.text_sources)  # unknown or missing sources fail here, before any synthesis
         w = dict(self.task_weights or {})
         bad = [t for t in w if t not in self.tasks]
         if bad or any(not (float(v) > 0) for v in w.values()):
@@ -160,13 +163,14 @@ def _varied(rng: random.Random, voice: Voice) -> tuple[float, float]:
 
 
 def make_item(task: str, k: int, seed: int, engines: list[str], out_voice: Voice, eval_fraction: float,
-              augment: bool = True) -> dict:
+              augment: bool = True, text_sources: tuple[str, ...] = ("fortune",)) -> dict:
     """Item k of a task: a JSON-able spec (texts, voices, parameters, clips), fully determined by its inputs.
-    With `augment`, a speech item of the train split also carries the channel its input clips pass through."""
+    With `augment`, a speech item of the train split also carries the channel its input clips pass through.
+    `text_sources`: the sentence pools read-speech text is drawn from (asr, style, speak, sound mixtures)."""
     rng = random.Random(f"{seed}:{task}:{k}")
     item: dict = {"id": f"{task}-{k:06d}", "task": task, "history": [], "labels": {}}
     if task == "asr":
-        sent = texts.asr_sentence(rng)
+        sent = texts.asr_sentence(rng, text_sources)
         v = _input_voice(rng, engines, k)
         sp, pi = _varied(rng, v)
         item.update(category="read", question=rng.choice(texts.ASR_INSTRUCTIONS), answer=sent, key="", split_text=sent,
@@ -193,7 +197,7 @@ def make_item(task: str, k: int, seed: int, engines: list[str], out_voice: Voice
         attr = ("gender", "speed", "pitch")[k % 3]
         question, answers = texts.STYLE_QUESTIONS[attr]
         value = rng.choice(sorted(answers))
-        sent = texts.asr_sentence(rng)
+        sent = texts.asr_sentence(rng, text_sources)
         sp, pi = 1.0, 1.0
         if attr == "gender":
             v = _input_voice(rng, engines, k, gender=value)
@@ -214,7 +218,7 @@ def make_item(task: str, k: int, seed: int, engines: list[str], out_voice: Voice
             qa = texts.spoken_question(rng, ("arithmetic", "counting", "facts", "instructions")[(k // 2) % 4])
             category, sent, key, split_text = "answer", qa.answer, qa.key, qa.question
         else:
-            sent = texts.asr_sentence(rng)
+            sent = texts.asr_sentence(rng, text_sources)
             category, key, split_text = "sentence", "", sent
         item.update(category=category, question=rng.choice(texts.SPEAK_INSTRUCTIONS).format(text=sent), answer=sent,
                     key=key, split_text=split_text, clips=[_clip("a0", "target", sent, out_voice, "target", key)])
@@ -224,7 +228,7 @@ def make_item(task: str, k: int, seed: int, engines: list[str], out_voice: Voice
         speech = None
         split_text = recipe_id(recipe)
         if recipe["kind"] == "mixture":
-            sent = texts.asr_sentence(rng)
+            sent = texts.asr_sentence(rng, text_sources)
             v = _input_voice(rng, engines, k)
             speech = _clip("speech", "input", sent, v, None)
             who = "man" if v.gender == "male" else "woman"
@@ -266,7 +270,7 @@ def plan(cfg: SynthConfig, engines: list[str], out_voice: Voice) -> list[dict]:
     for task in cfg.tasks:
         total, k, per_task = 0.0, 0, cfg.task_seconds(task)
         while total < per_task and k < MAX_ITEMS_PER_TASK:
-            it = make_item(task, k, cfg.seed, engines, out_voice, cfg.eval_fraction, cfg.augment)
+            it = make_item(task, k, cfg.seed, engines, out_voice, cfg.eval_fraction, cfg.augment, cfg.text_sources)
             items.append(it)
             total += it["est_seconds"]
             k += 1
@@ -540,7 +544,8 @@ def build_corpus(cfg: SynthConfig) -> dict:
             for t in cfg.tasks:  # top-up: the next items of each task still short of its share
                 have, budget = _accepted_seconds(finals, t), cfg.task_seconds(t)
                 while have < budget and next_k[t] < MAX_ITEMS_PER_TASK:
-                    it = make_item(t, next_k[t], cfg.seed, engines, out_voice, cfg.eval_fraction, cfg.augment)
+                    it = make_item(t, next_k[t], cfg.seed, engines, out_voice, cfg.eval_fraction, cfg.augment,
+                                   cfg.text_sources)
                     items.append(it)
                     have += it["est_seconds"]
                     next_k[t] += 1

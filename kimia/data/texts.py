@@ -1,8 +1,8 @@
 """Offline text sources and the task templates of the synthetic corpus.
 
-Text comes only from what a Debian machine ships (the fortune cookie files and the system word list) plus
-templates written here (arithmetic, counting, simple facts, instructions, dialogues). Everything is driven
-by an explicit `random.Random`, so one seed always gives the same texts.
+Text comes only from what a Debian machine ships (the fortune cookie files, WordNet's usage examples and the
+system word list) plus templates written here (arithmetic, counting, simple facts, instructions, dialogues).
+Everything is driven by an explicit `random.Random`, so one seed always gives the same texts.
 
 The held-out split is decided by the *sentence*: `split_of(text)` hashes the normalised sentence, so the
 same sentence always lands in the same split whatever task, voice or seed uses it, and no evaluation sentence
@@ -19,9 +19,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from kimia.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 FORTUNE_DIRS = ("/usr/share/games/fortunes", "/usr/share/fortune", "/usr/share/fortunes")
+WORDNET_DIRS = ("/usr/share/wordnet",)  # Debian wordnet-base: data.{noun,verb,adj,adv}
+TEXT_SOURCES = {"fortune": "fortunes", "wordnet": "wordnet-base"}  # sentence source -> Debian package
 WORD_LISTS = ("/usr/share/dict/american-english", "/usr/share/dict/british-english", "/usr/share/dict/words")
 
 ASR_INSTRUCTIONS = (
@@ -94,6 +98,11 @@ _FALLBACK_PLACES = ("in the morning", "near the river", "after dinner", "at the 
                     "in the garden", "on the way home", "at school", "by the lake", "late at night")
 
 
+def _shouty(words: list[str]) -> bool:
+    """Any all-capitals word longer than one letter (acronyms and shouting read badly)."""
+    return any(len(w.strip(",.'?!;:-")) > 1 and w.strip(",.'?!;:-").isupper() for w in words)
+
+
 @lru_cache(maxsize=1)
 def fortune_sentences() -> tuple[str, ...]:
     """Clean short English sentences (4..18 words, letters and plain punctuation only) from fortune files."""
@@ -115,8 +124,7 @@ def fortune_sentences() -> tuple[str, ...]:
                 flat = " ".join(cookie.split())
                 for s in re.split(r"(?<=[.?!])\s+", flat):
                     words = s.split()
-                    shouty = any(len(w.strip(",.'?!;:-")) > 1 and w.strip(",.'?!;:-").isupper() for w in words)
-                    if 4 <= len(words) <= 18 and _SENTENCE_OK.match(s) and not shouty:
+                    if 4 <= len(words) <= 18 and _SENTENCE_OK.match(s) and not _shouty(words):
                         out.add(s)
     return tuple(sorted(out))
 
@@ -141,8 +149,53 @@ def template_sentence(rng: random.Random) -> str:
     return s[0].upper() + s[1:]
 
 
-def asr_sentence(rng: random.Random) -> str:
-    pool = fortune_sentences()
+@lru_cache(maxsize=1)
+def wordnet_sentences() -> tuple[str, ...]:
+    """WordNet 3.0's usage examples (the quoted phrases of its glosses, ~33k) that pass the fortune filter
+    (4..18 words, letters and plain punctuation), first letter upper-cased and a full stop added when none ends
+    them. Broad vocabulary, everyday syntax: "He pulled down the bill of his cap and trudged ahead." """
+    out: set[str] = set()
+    for d in WORDNET_DIRS:
+        for pos in ("noun", "verb", "adj", "adv"):
+            path = Path(d) / f"data.{pos}"
+            if not path.is_file():
+                continue
+            for line in path.read_text(encoding="latin-1").splitlines():
+                if line.startswith(" ") or "|" not in line:
+                    continue  # the licence header; synset lines are "offset ... | gloss; \"example\"; ..."
+                for q in re.findall(r'"([^"]+)"', line.split("|", 1)[1]):
+                    s = " ".join(q.split())
+                    s = s[:1].upper() + s[1:]
+                    if s and s[-1] not in ".?!":
+                        s += "."
+                    words = s.split()
+                    if 4 <= len(words) <= 18 and _SENTENCE_OK.match(s) and not _shouty(words):
+                        out.add(s)
+    return tuple(sorted(out))
+
+
+def sentence_pool(sources: tuple[str, ...] = ("fortune",)) -> tuple[str, ...]:
+    """The read-speech sentences of `sources` (names of TEXT_SOURCES), joined. The fortune pool alone may be
+    empty (the corpus then reads template sentences only); any other source named must be installed."""
+    bad = [x for x in sources if x not in TEXT_SOURCES]
+    if bad or not sources:
+        raise ConfigError(f"unknown text source(s) {bad or '(none)'}; known: {', '.join(TEXT_SOURCES)}")
+    if tuple(sources) == ("fortune",):
+        return fortune_sentences()
+    pools = {"fortune": fortune_sentences, "wordnet": wordnet_sentences}
+    out: list[str] = []
+    for name in dict.fromkeys(sources):
+        got = pools[name]()
+        if not got and name != "fortune":
+            raise ConfigError(f"text source {name!r} has no sentences here: install the Debian package "
+                              f"{TEXT_SOURCES[name]} (scripts/setup-data-system.sh)")
+        out += got
+    return tuple(sorted(set(out)))
+
+
+def asr_sentence(rng: random.Random, sources: tuple[str, ...] = ("fortune",)) -> str:
+    """A read-speech sentence: 4 in 5 from the pool of `sources` (when it has any), else a template one."""
+    pool = sentence_pool(sources)
     if pool and rng.random() < 0.8:
         return rng.choice(pool)
     return template_sentence(rng)
@@ -300,5 +353,6 @@ STYLE_QUESTIONS = {
                "high": "The voice is high pitched."}),
 }
 
-__all__ = ["ASR_INSTRUCTIONS", "QA", "STYLE_QUESTIONS", "asr_sentence", "dialogue", "fortune_sentences",
-           "normalize_text", "number_words", "split_of", "spoken_question", "template_sentence", "word_list"]
+__all__ = ["ASR_INSTRUCTIONS", "QA", "STYLE_QUESTIONS", "TEXT_SOURCES", "asr_sentence", "dialogue",
+           "fortune_sentences", "normalize_text", "number_words", "sentence_pool", "split_of", "spoken_question",
+           "template_sentence", "word_list", "wordnet_sentences"]

@@ -141,6 +141,7 @@ class CorpusStage:
     output_voice: str = "kokoro:jm_kumo"
     task_weights: dict[str, float] = field(default_factory=dict)  # share of `hours` per task (empty: equal)
     augment: bool = True  # channel augmentation (band limit, noise, reverb) of the train split
+    text_sources: list[str] = field(default_factory=lambda: ["fortune"])  # read-speech sentence pools: fortune, wordnet
 
 
 @dataclass
@@ -421,7 +422,8 @@ class Pipeline:
         sc = SynthConfig(out=self.corpus, hours=c.hours, seed=c.seed, jobs=c.jobs or (os.cpu_count() or 1),
                          engines=tuple(c.engines or ENGINE_NAMES), tasks=tuple(c.tasks or TASKS), judge=c.judge,
                          eval_fraction=c.eval_fraction, output_voice=c.output_voice, progress=False,
-                         task_weights=dict(c.task_weights) or None, augment=c.augment)
+                         task_weights=dict(c.task_weights) or None, augment=c.augment,
+                         text_sources=tuple(c.text_sources))
         summary = build_corpus(sc)
         return {"corpus": str(self.corpus), "items": summary.get("items", summary.get("accepted"))}
 
