@@ -109,6 +109,21 @@ def test_wordnet_widens_the_read_speech_pool(tmp_path):
         SynthConfig(out=tmp_path, hours=0.1, engines=("espeak",), text_sources=("fortune", "gutenberg"))
 
 
+def test_a_missing_wordnet_is_named_with_its_package(tmp_path, monkeypatch):
+    from kimia.data import texts
+    from kimia.errors import ConfigError
+
+    monkeypatch.setattr(texts, "WORDNET_DIRS", (str(tmp_path / "no-wordnet"),))
+    for f in (texts.wordnet_sentences, texts.sentence_pool):
+        f.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="wordnet-base"):
+            SynthConfig(out=tmp_path, hours=0.1, engines=("espeak",), text_sources=("fortune", "wordnet"))
+    finally:
+        for f in (texts.wordnet_sentences, texts.sentence_pool):
+            f.cache_clear()  # the next caller reads the real WordNet again
+
+
 def test_split_is_by_sentence():
     rng = random.Random(0)
     qs = [spoken_question(rng).question for _ in range(400)]

@@ -174,6 +174,7 @@ def wordnet_sentences() -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
+@lru_cache(maxsize=8)
 def sentence_pool(sources: tuple[str, ...] = ("fortune",)) -> tuple[str, ...]:
     """The read-speech sentences of `sources` (names of TEXT_SOURCES), joined. The fortune pool alone may be
     empty (the corpus then reads template sentences only); any other source named must be installed."""
