@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
     from kimia.data.synth import ALL_TASKS, EXTRA_TASKS, TASKS
-    from kimia.data.texts import TEXT_SOURCES
+    from kimia.data.texts import DEFAULT_TEXT_SOURCES, TEXT_SOURCES
 
     p = subparsers.add_parser("data", help="build training/evaluation data (synthetic speech corpus)")
     sub = p.add_subparsers(dest="data_command", required=True)
@@ -35,7 +35,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--task-weight", nargs="+", default=[], metavar="TASK=W",
                    help="share of the hours per task, e.g. asr=3 spoken_qa=1.2 (unnamed tasks: 1)")
     s.add_argument("--no-augment", action="store_true", help="no channel augmentation of the train split")
-    s.add_argument("--text-sources", nargs="+", default=["fortune"], choices=list(TEXT_SOURCES), metavar="SOURCE",
+    s.add_argument("--text-sources", nargs="+", default=list(DEFAULT_TEXT_SOURCES), choices=list(TEXT_SOURCES),
+                   metavar="SOURCE",
                    help="sentence pools of the read speech: fortune (~4.7k sentences), wordnet (+~33k usage "
                         "examples, Debian wordnet-base)")
     s.add_argument("--no-judge", action="store_true", help="skip the Whisper intelligibility check")

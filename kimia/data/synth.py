@@ -78,7 +78,7 @@ class SynthConfig:
     stop_after: int | None = None
     task_weights: dict[str, float] | None = None  # share of `hours` per task (default: equal shares)
     augment: bool = True  # train items get a seeded channel (band limit, noise, reverb); eval items stay clean
-    text_sources: tuple[str, ...] = ("fortune",)  # read-speech sentence pools (kimia.data.texts.TEXT_SOURCES)
+    text_sources: tuple[str, ...] = texts.DEFAULT_TEXT_SOURCES  # read-speech sentence pools (texts.TEXT_SOURCES)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -163,7 +163,7 @@ def _varied(rng: random.Random, voice: Voice) -> tuple[float, float]:
 
 
 def make_item(task: str, k: int, seed: int, engines: list[str], out_voice: Voice, eval_fraction: float,
-              augment: bool = True, text_sources: tuple[str, ...] = ("fortune",)) -> dict:
+              augment: bool = True, text_sources: tuple[str, ...] = texts.DEFAULT_TEXT_SOURCES) -> dict:
     """Item k of a task: a JSON-able spec (texts, voices, parameters, clips), fully determined by its inputs.
     With `augment`, a speech item of the train split also carries the channel its input clips pass through.
     `text_sources`: the sentence pools read-speech text is drawn from (asr, style, speak, sound mixtures)."""

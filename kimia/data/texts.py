@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 FORTUNE_DIRS = ("/usr/share/games/fortunes", "/usr/share/fortune", "/usr/share/fortunes")
 WORDNET_DIRS = ("/usr/share/wordnet",)  # Debian wordnet-base: data.{noun,verb,adj,adv}
-TEXT_SOURCES = {"fortune": "fortunes", "wordnet": "wordnet-base"}  # sentence source -> Debian package
+DEFAULT_TEXT_SOURCES = ("fortune",)  # read-speech sentence pools of a corpus unless it names others
 WORD_LISTS = ("/usr/share/dict/american-english", "/usr/share/dict/british-english", "/usr/share/dict/words")
 
 ASR_INSTRUCTIONS = (
@@ -98,9 +98,12 @@ _FALLBACK_PLACES = ("in the morning", "near the river", "after dinner", "at the 
                     "in the garden", "on the way home", "at school", "by the lake", "late at night")
 
 
-def _shouty(words: list[str]) -> bool:
-    """Any all-capitals word longer than one letter (acronyms and shouting read badly)."""
-    return any(len(w.strip(",.'?!;:-")) > 1 and w.strip(",.'?!;:-").isupper() for w in words)
+def _readable(s: str) -> bool:
+    """A sentence both pools keep: 4..18 words, letters and plain punctuation, no all-capitals word longer than
+    one letter (acronyms and shouting read badly)."""
+    words = s.split()
+    return (4 <= len(words) <= 18 and bool(_SENTENCE_OK.match(s))
+            and not any(len(w.strip(",.'?!;:-")) > 1 and w.strip(",.'?!;:-").isupper() for w in words))
 
 
 @lru_cache(maxsize=1)
@@ -122,10 +125,7 @@ def fortune_sentences() -> tuple[str, ...]:
                 if "--" in cookie or "\t" in cookie:
                     continue  # attributions, quoted dialogue, poems
                 flat = " ".join(cookie.split())
-                for s in re.split(r"(?<=[.?!])\s+", flat):
-                    words = s.split()
-                    if 4 <= len(words) <= 18 and _SENTENCE_OK.match(s) and not _shouty(words):
-                        out.add(s)
+                out.update(x for x in re.split(r"(?<=[.?!])\s+", flat) if _readable(x))
     return tuple(sorted(out))
 
 
@@ -151,7 +151,7 @@ def template_sentence(rng: random.Random) -> str:
 
 @lru_cache(maxsize=1)
 def wordnet_sentences() -> tuple[str, ...]:
-    """WordNet 3.0's usage examples (the quoted phrases of its glosses, ~33k) that pass the fortune filter
+    """WordNet 3.0's usage examples (the quoted phrases of its glosses, ~33k) that pass `_readable`
     (4..18 words, letters and plain punctuation), first letter upper-cased and a full stop added when none ends
     them. Broad vocabulary, everyday syntax: "He pulled down the bill of his cap and trudged ahead." """
     out: set[str] = set()
@@ -168,33 +168,34 @@ def wordnet_sentences() -> tuple[str, ...]:
                     s = s[:1].upper() + s[1:]
                     if s and s[-1] not in ".?!":
                         s += "."
-                    words = s.split()
-                    if 4 <= len(words) <= 18 and _SENTENCE_OK.match(s) and not _shouty(words):
+                    if _readable(s):
                         out.add(s)
     return tuple(sorted(out))
 
 
+# read-speech sentence source -> (its sentences, the Debian package that installs them)
+TEXT_SOURCES = {"fortune": (fortune_sentences, "fortunes"), "wordnet": (wordnet_sentences, "wordnet-base")}
+
+
 @lru_cache(maxsize=8)
-def sentence_pool(sources: tuple[str, ...] = ("fortune",)) -> tuple[str, ...]:
+def sentence_pool(sources: tuple[str, ...] = DEFAULT_TEXT_SOURCES) -> tuple[str, ...]:
     """The read-speech sentences of `sources` (names of TEXT_SOURCES), joined. The fortune pool alone may be
     empty (the corpus then reads template sentences only); any other source named must be installed."""
     bad = [x for x in sources if x not in TEXT_SOURCES]
     if bad or not sources:
         raise ConfigError(f"unknown text source(s) {bad or '(none)'}; known: {', '.join(TEXT_SOURCES)}")
-    if tuple(sources) == ("fortune",):
-        return fortune_sentences()
-    pools = {"fortune": fortune_sentences, "wordnet": wordnet_sentences}
-    out: list[str] = []
-    for name in dict.fromkeys(sources):
-        got = pools[name]()
+    out: set[str] = set()
+    for name in sources:
+        load, package = TEXT_SOURCES[name]
+        got = load()
         if not got and name != "fortune":
             raise ConfigError(f"text source {name!r} has no sentences here: install the Debian package "
-                              f"{TEXT_SOURCES[name]} (scripts/setup-data-system.sh)")
-        out += got
-    return tuple(sorted(set(out)))
+                              f"{package} (scripts/setup-data-system.sh)")
+        out.update(got)
+    return tuple(sorted(out))
 
 
-def asr_sentence(rng: random.Random, sources: tuple[str, ...] = ("fortune",)) -> str:
+def asr_sentence(rng: random.Random, sources: tuple[str, ...] = DEFAULT_TEXT_SOURCES) -> str:
     """A read-speech sentence: 4 in 5 from the pool of `sources` (when it has any), else a template one."""
     pool = sentence_pool(sources)
     if pool and rng.random() < 0.8:
@@ -354,6 +355,6 @@ STYLE_QUESTIONS = {
                "high": "The voice is high pitched."}),
 }
 
-__all__ = ["ASR_INSTRUCTIONS", "QA", "STYLE_QUESTIONS", "TEXT_SOURCES", "asr_sentence", "dialogue",
-           "fortune_sentences", "normalize_text", "number_words", "sentence_pool", "split_of", "spoken_question",
-           "template_sentence", "word_list", "wordnet_sentences"]
+__all__ = ["ASR_INSTRUCTIONS", "DEFAULT_TEXT_SOURCES", "QA", "STYLE_QUESTIONS", "TEXT_SOURCES", "asr_sentence",
+           "dialogue", "fortune_sentences", "normalize_text", "number_words", "sentence_pool", "split_of",
+           "spoken_question", "template_sentence", "word_list", "wordnet_sentences"]

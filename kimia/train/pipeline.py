@@ -57,6 +57,7 @@ from typing import Any
 
 import yaml
 
+from kimia.data.texts import DEFAULT_TEXT_SOURCES
 from kimia.errors import ConfigError, KimiaError
 from kimia.train.assemble import folder_tokenizer, write_random_lm, write_random_whisper
 from kimia.train.config import apply_overrides, from_dict, load_config, to_dict
@@ -141,7 +142,7 @@ class CorpusStage:
     output_voice: str = "kokoro:jm_kumo"
     task_weights: dict[str, float] = field(default_factory=dict)  # share of `hours` per task (empty: equal)
     augment: bool = True  # channel augmentation (band limit, noise, reverb) of the train split
-    text_sources: list[str] = field(default_factory=lambda: ["fortune"])  # read-speech sentence pools: fortune, wordnet
+    text_sources: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_SOURCES))  # fortune, wordnet
 
 
 @dataclass
