@@ -264,13 +264,18 @@ def _clip_est(c: dict) -> float:
     return _est_seconds(c["text"], c["speed"])
 
 
+def _planned_item(cfg: SynthConfig, task: str, k: int, engines: list[str], out_voice: Voice) -> dict:
+    """Item k of a task under the build settings of `cfg` (the one place plan and top-up rounds make items)."""
+    return make_item(task, k, cfg.seed, engines, out_voice, cfg.eval_fraction, cfg.augment, cfg.text_sources)
+
+
 def plan(cfg: SynthConfig, engines: list[str], out_voice: Voice) -> list[dict]:
     """All items of the build, in a fixed order; each task gets hours*3600/len(tasks) estimated seconds."""
     items = []
     for task in cfg.tasks:
         total, k, per_task = 0.0, 0, cfg.task_seconds(task)
         while total < per_task and k < MAX_ITEMS_PER_TASK:
-            it = make_item(task, k, cfg.seed, engines, out_voice, cfg.eval_fraction, cfg.augment, cfg.text_sources)
+            it = _planned_item(cfg, task, k, engines, out_voice)
             items.append(it)
             total += it["est_seconds"]
             k += 1
@@ -544,8 +549,7 @@ def build_corpus(cfg: SynthConfig) -> dict:
             for t in cfg.tasks:  # top-up: the next items of each task still short of its share
                 have, budget = _accepted_seconds(finals, t), cfg.task_seconds(t)
                 while have < budget and next_k[t] < MAX_ITEMS_PER_TASK:
-                    it = make_item(t, next_k[t], cfg.seed, engines, out_voice, cfg.eval_fraction, cfg.augment,
-                                   cfg.text_sources)
+                    it = _planned_item(cfg, t, next_k[t], engines, out_voice)
                     items.append(it)
                     have += it["est_seconds"]
                     next_k[t] += 1

@@ -15,9 +15,11 @@ import hashlib
 import logging
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from kimia.errors import ConfigError
 
@@ -173,24 +175,33 @@ def wordnet_sentences() -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-# read-speech sentence source -> (its sentences, the Debian package that installs them)
-TEXT_SOURCES = {"fortune": (fortune_sentences, "fortunes"), "wordnet": (wordnet_sentences, "wordnet-base")}
+class TextSource(NamedTuple):
+    """A read-speech sentence pool: its loader, the Debian package that installs it, and whether a corpus that
+    names it may go on without it (template sentences then fill in)."""
+
+    load: Callable[[], tuple[str, ...]]
+    package: str
+    optional: bool = False
+
+
+TEXT_SOURCES = {"fortune": TextSource(fortune_sentences, "fortunes", optional=True),
+                "wordnet": TextSource(wordnet_sentences, "wordnet-base")}
 
 
 @lru_cache(maxsize=8)
 def sentence_pool(sources: tuple[str, ...] = DEFAULT_TEXT_SOURCES) -> tuple[str, ...]:
-    """The read-speech sentences of `sources` (names of TEXT_SOURCES), joined. The fortune pool alone may be
-    empty (the corpus then reads template sentences only); any other source named must be installed."""
+    """The read-speech sentences of `sources` (names of TEXT_SOURCES), joined. An optional source (fortune) may
+    be empty (the corpus then reads template sentences only); any other source named must be installed."""
     bad = [x for x in sources if x not in TEXT_SOURCES]
     if bad or not sources:
         raise ConfigError(f"unknown text source(s) {bad or '(none)'}; known: {', '.join(TEXT_SOURCES)}")
     out: set[str] = set()
     for name in sources:
-        load, package = TEXT_SOURCES[name]
-        got = load()
-        if not got and name != "fortune":
+        src = TEXT_SOURCES[name]
+        got = src.load()
+        if not got and not src.optional:
             raise ConfigError(f"text source {name!r} has no sentences here: install the Debian package "
-                              f"{package} (scripts/setup-data-system.sh)")
+                              f"{src.package} (scripts/setup-data-system.sh)")
         out.update(got)
     return tuple(sorted(out))
 
@@ -355,6 +366,6 @@ STYLE_QUESTIONS = {
                "high": "The voice is high pitched."}),
 }
 
-__all__ = ["ASR_INSTRUCTIONS", "DEFAULT_TEXT_SOURCES", "QA", "STYLE_QUESTIONS", "TEXT_SOURCES", "asr_sentence",
+__all__ = ["ASR_INSTRUCTIONS", "DEFAULT_TEXT_SOURCES", "QA", "STYLE_QUESTIONS", "TEXT_SOURCES", "TextSource", "asr_sentence",
            "dialogue", "fortune_sentences", "normalize_text", "number_words", "sentence_pool", "split_of",
            "spoken_question", "template_sentence", "word_list", "wordnet_sentences"]
