@@ -232,6 +232,34 @@ def test_tiny_corpus_resumes_without_regenerating(tmp_path, capsys):
     assert again["synthesized_this_run"] == 0 and again["reused_final"] == run["planned"]
 
 
+def test_a_grown_corpus_links_the_items_of_the_smaller_one(tmp_path):
+    """reuse_from: a corpus of twice the hours (same seed) hard-links every item of the smaller one instead of
+    making it again, and ends up with the same records and manifests as the same corpus built from nothing."""
+    from kimia.errors import ConfigError
+
+    def cfg(out, hours, **kw):
+        return SynthConfig(out=tmp_path / out, hours=hours, seed=3, jobs=2, engines=("espeak",), judge=False,
+                           progress=False, tasks=("asr", "spoken_qa", "sound"), **kw)
+
+    small = build_corpus(cfg("small", TINY_HOURS))
+    grown = build_corpus(cfg("grown", 2 * TINY_HOURS, reuse_from=tmp_path / "small"))
+    scratch = build_corpus(cfg("scratch", 2 * TINY_HOURS))
+    n_small = small["run"]["planned"]
+    assert grown["run"]["linked"] == n_small > 0
+    assert grown["run"]["synthesized_this_run"] == grown["run"]["planned"] - n_small > 0
+    for f in (tmp_path / "small").rglob("*"):
+        if f.is_file() and f.suffix in (".wav", ".json") and f.parent != tmp_path / "small":
+            twin = tmp_path / "grown" / f.relative_to(tmp_path / "small")
+            assert twin.stat().st_ino == f.stat().st_ino, f"{f} not linked"
+    for key in ("items", "hours"):
+        assert grown[key] == scratch[key]
+    for mf in sorted((tmp_path / "scratch" / "manifests").glob("*.jsonl")):
+        assert (tmp_path / "grown" / "manifests" / mf.name).read_text().replace("/grown/", "/scratch/") == \
+            mf.read_text(), mf.name
+    with pytest.raises(ConfigError, match="no items/ folder"):
+        cfg("other", TINY_HOURS, reuse_from=tmp_path / "nowhere")
+
+
 def test_channels_are_seeded_and_only_on_train_speech():
     import random
 

@@ -225,8 +225,8 @@ def test_a_run_continues_an_assembled_folder_on_clip_length_features(run, tmp_pa
 
 
 def test_an_option_added_later_leaves_finished_stages_finished_while_off(run):
-    """The DiT's token_noise came after runs were made: off, the dit stage's fingerprint has no trace of it (a
-    finished stage stays finished); on, it is a different stage."""
+    """The DiT's token_noise and the corpus's text_sources came after runs were made: off, the stage's
+    fingerprint has no trace of them (a finished stage stays finished); on, it is a different stage."""
     from kimia.train.pipeline import _fingerprint
 
     work, _ = run
@@ -238,3 +238,52 @@ def test_an_option_added_later_leaves_finished_stages_finished_while_off(run):
     assert on.stage_settings("dit")["data"]["token_noise"] == 0.2
     with pytest.raises(ConfigError, match="dit.*--force dit"):
         on.run(["dit"])
+    # the corpus's text_sources likewise: fortune alone (the pool before the option) leaves no trace
+    corpus = Pipeline(load_pipeline_config(TINY, [f"work_dir={work}"])).stage_settings("corpus")
+    assert "text_sources" not in corpus
+    assert _fingerprint(corpus) == json.loads((work / "corpus" / MARKER).read_text())["fingerprint"]
+    wide = Pipeline(load_pipeline_config(TINY, [f"work_dir={work}", "corpus.text_sources=[fortune,wordnet]"]))
+    assert wide.stage_settings("corpus")["text_sources"] == ["fortune", "wordnet"]
+
+
+def test_a_grown_corpus_reuses_the_earlier_pipelines_items_and_caches(run, tmp_path):
+    """corpus.reuse_from: a pipeline on twice the corpus links the earlier run's items instead of synthesising
+    them, keeps the fingerprint of the same corpus made from nothing, and its tokenize links the earlier
+    caches made by the same VQ and Whisper (the earlier run took its VQ from the same folder), but not those
+    of another VQ."""
+    from kimia.train.pipeline import _fingerprint
+
+    work, _ = run
+    src = work / "assemble" / "model"
+    upto = ["corpus", "whisper", "vq", "lm_init", "tokenize"]
+
+    def pipeline(name, *over):
+        return Pipeline(load_pipeline_config(TINY, [f"work_dir={tmp_path / name}", f"from_model.folder={src}",
+                                                    "from_model.stages=[vq,lm_init]", *over]))
+
+    pipeline("mid", f"corpus.path={work / 'corpus'}").run(upto)
+    hours = 2 * yaml.safe_load(TINY.read_text())["corpus"]["hours"]
+    grown = pipeline("grown", f"corpus.hours={hours}", f"corpus.reuse_from={tmp_path / 'mid'}")
+    grown.run(upto)
+    summary = json.loads((tmp_path / "grown" / "corpus" / "summary.json").read_text())
+    earlier = json.loads((work / "corpus" / "summary.json").read_text())
+    assert summary["run"]["linked"] == earlier["run"]["planned"] > 0
+    assert summary["run"]["synthesized_this_run"] == summary["run"]["planned"] - earlier["run"]["planned"] > 0
+    plain = pipeline("plain", f"corpus.hours={hours}")
+    assert _fingerprint(plain.stage_settings("corpus")) == \
+        json.loads((tmp_path / "grown" / "corpus" / MARKER).read_text())["fingerprint"]
+
+    def inodes(folder):
+        return {p.stat().st_ino for p in folder.glob("*.safetensors")}
+
+    for sub in ("ids", "features"):
+        before, after = inodes(tmp_path / "mid" / "tokenize" / sub), inodes(tmp_path / "grown" / "tokenize" / sub)
+        assert before and before < after, sub  # all linked, and the new audio's entries made
+
+    other = pipeline("other", f"corpus.hours={hours}", f"corpus.reuse_from={tmp_path / 'mid'}",
+                     "from_model.stages=[lm_init]")  # trains its own VQ
+    other.run(upto)
+    assert not inodes(tmp_path / "mid" / "tokenize" / "ids") & inodes(tmp_path / "other" / "tokenize" / "ids")
+    assert inodes(tmp_path / "mid" / "tokenize" / "features") < inodes(tmp_path / "other" / "tokenize" / "features")
+    with pytest.raises(ConfigError, match="reuse_from"):
+        pipeline("bad", f"corpus.reuse_from={tmp_path / 'nowhere'}").run(["corpus"])

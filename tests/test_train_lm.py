@@ -283,6 +283,55 @@ def test_manifest_dataset_with_cached_frozen_encoder(tmp_path):
     assert int(batch.continuous_mask.sum()) == 25
 
 
+def test_audio_cache_is_keyed_by_content_and_reads_path_keyed_entries(tmp_path):
+    """A copy or hard link of a cached file elsewhere hits the cache; new bytes at the same path do not; an
+    entry written under the earlier key (sha1 of "path|size|mtime_ns") is still read; `adopt` links another
+    folder's entries so a grown corpus's linked audio finds them."""
+    import hashlib
+    import os
+    import shutil
+
+    import numpy as np
+    import soundfile as sf
+    from safetensors.torch import save_file
+
+    from kimia.train.data import AudioCache
+
+    calls = []
+
+    def encoder(wave: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return wave[: 4 * 8].reshape(1, 4, 8)
+
+    a = tmp_path / "a.wav"
+    sf.write(a, np.random.default_rng(0).standard_normal(800).astype("float32") * 0.1, 16000)
+    cache = AudioCache(token_offset=0, features=encoder, cache_dir=tmp_path / "c1")
+    first = cache.get(a)["features"]
+    shutil.copy2(a, tmp_path / "copy.wav")
+    os.link(a, tmp_path / "link.wav")
+    for p in (tmp_path / "copy.wav", tmp_path / "link.wav"):
+        assert torch.equal(cache.get(p)["features"], first)
+    assert len(calls) == 1
+    sf.write(tmp_path / "copy.wav", np.random.default_rng(1).standard_normal(800).astype("float32"), 16000)
+    assert not torch.equal(cache.get(tmp_path / "copy.wav")["features"], first) and len(calls) == 2
+
+    old = tmp_path / "old.wav"  # a path-keyed entry, as caches were written before content keys
+    sf.write(old, np.random.default_rng(2).standard_normal(800).astype("float32"), 16000)
+    st = old.stat()
+    legacy = hashlib.sha1(f"{old.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    save_file({"features": torch.full((4, 8), 7.0)}, str(tmp_path / "c1" / f"{legacy}.safetensors"))
+    assert torch.equal(cache.get(old)["features"], torch.full((4, 8), 7.0)) and len(calls) == 2
+
+    grown = tmp_path / "grown"
+    grown.mkdir()
+    for f in (a, old):
+        os.link(f, grown / f.name)
+    other = AudioCache(token_offset=0, features=encoder, cache_dir=tmp_path / "c2")
+    assert other.adopt(tmp_path / "c1", [a, old, tmp_path / "link.wav"]) == 2  # the link is a's content again
+    assert torch.equal(other.get(grown / "old.wav")["features"], torch.full((4, 8), 7.0))
+    assert torch.equal(other.get(grown / "a.wav")["features"], first) and len(calls) == 2
+
+
 def test_truncation_never_cuts_an_audio_span():
     from kimia.train.data import truncate_prompt
 

@@ -39,6 +39,9 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                    metavar="SOURCE",
                    help="sentence pools of the read speech: fortune (~4.7k sentences), wordnet (+~33k usage "
                         "examples, Debian wordnet-base)")
+    s.add_argument("--reuse-from", default=None, metavar="CORPUS",
+                   help="an earlier corpus (e.g. a smaller one of the same seed): items of the same spec are "
+                        "hard-linked from it instead of being synthesised and judged again")
     s.add_argument("--no-judge", action="store_true", help="skip the Whisper intelligibility check")
     s.add_argument("--eval-fraction", type=float, default=0.1, help="share of sentences held out for evaluation")
     s.add_argument("--output-voice", default="kokoro:jm_kumo",
@@ -66,7 +69,7 @@ def run_data_cli(args: argparse.Namespace) -> int:
     cfg = SynthConfig(task_weights=weights or None, augment=not args.no_augment, out=args.out, hours=args.hours, seed=args.seed, jobs=args.jobs, engines=tuple(args.engines),
                       tasks=tuple(args.tasks), judge=not args.no_judge, eval_fraction=args.eval_fraction,
                       output_voice=args.output_voice, progress=not args.no_progress,
-                      text_sources=tuple(args.text_sources))
+                      text_sources=tuple(args.text_sources), reuse_from=args.reuse_from)
     summary = build_corpus(cfg)
     print(format_summary(summary))
     print(f"summary written to {cfg.out / 'summary.json'}")

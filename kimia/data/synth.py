@@ -15,6 +15,10 @@ Three phases, each parallel over a process pool and each resumable from the file
    every speech clip passes its task rule (`judge.RULES`); rejected items are counted and their audio removed.
    The final record `items/<id>.json` marks the item done: a rerun skips it.
 
+`reuse_from` names an earlier corpus (e.g. the one a bigger corpus grows from, same seed): every item whose
+spec (texts, voices, parameters: `spec_hash`) is the same there is hard-linked in (copied across file systems)
+instead of being synthesised and judged again, which gives the same files since synthesis is deterministic.
+
 Finally the manifests (eval-kit jsonl per task and split), finetune conversations and `summary.json` are
 rewritten from all final records.
 """
@@ -27,6 +31,7 @@ import logging
 import multiprocessing as mp
 import os
 import random
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -79,6 +84,7 @@ class SynthConfig:
     task_weights: dict[str, float] | None = None  # share of `hours` per task (default: equal shares)
     augment: bool = True  # train items get a seeded channel (band limit, noise, reverb); eval items stay clean
     text_sources: tuple[str, ...] = texts.DEFAULT_TEXT_SOURCES  # read-speech sentence pools (texts.TEXT_SOURCES)
+    reuse_from: Path | None = None  # an earlier corpus: its items of the same spec are linked in, not remade
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -101,6 +107,12 @@ class SynthConfig:
             raise ConfigError(f"task_weights must give positive weights for tasks of this run {list(self.tasks)}, "
                               f"got {w}")
         self.task_weights = {t: float(w.get(t, 1.0)) for t in self.tasks}
+        if self.reuse_from is not None:
+            self.reuse_from = Path(self.reuse_from)
+            if not (self.reuse_from / "items").is_dir():
+                raise ConfigError(f"reuse_from {self.reuse_from} has no items/ folder (not a kimia data synth corpus)")
+            if self.reuse_from.resolve() == self.out.resolve():
+                raise ConfigError(f"reuse_from {self.reuse_from} is the output folder itself")
 
     def task_seconds(self, task: str) -> float:
         """Planned seconds of audio for one task (input audio; a task without input audio, such as speak,
@@ -455,10 +467,52 @@ def _load_existing(root: Path, item: dict, suffix: str) -> dict | None:
     return rec
 
 
+def _link(src: Path, dst: Path) -> None:
+    """`dst` becomes the same file as `src` (a hard link; a copy across file systems), replacing any leftover."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _adopt(src: Path, root: Path, item: dict, judge: bool) -> bool:
+    """Link an earlier corpus's files of `item` into `root` when they were made from the same spec: the final
+    record when it was judged (or not) as this run judges, else the synthesised one. The record is linked last,
+    after its audio, so a kill in between leaves an unfinished item that the run redoes."""
+    for suffix in (".json", ".synth.json"):
+        f = src / "items" / f"{item['id']}{suffix}"
+        if not f.is_file():
+            continue
+        rec = read_json(f)
+        if rec.get("spec_hash") != item["spec_hash"]:
+            return False
+        if suffix == ".json" and not rec.get("error") and (rec.get("verdicts") is not None) != judge:
+            continue  # judged under the other setting: take its audio, judge (or not) here
+        audio = [src / c["path"] for c in rec["clips"] if c.get("path")]
+        if (suffix == ".synth.json" or rec.get("status") == "accepted") and not all(p.is_file() for p in audio):
+            return False  # audio missing: make the item here
+        for p in audio:
+            if p.is_file():  # a rejected item's audio is deleted
+                _link(p, root / p.relative_to(src))
+        if suffix == ".json" and (src / "items" / f"{item['id']}.synth.json").is_file():
+            _link(src / "items" / f"{item['id']}.synth.json", root / "items" / f"{item['id']}.synth.json")
+        _link(f, root / "items" / f.name)
+        return True
+    return False
+
+
 def _run_items(pool, cfg: SynthConfig, root: Path, items: list[dict], finals: dict, stats: dict) -> None:
-    """Synthesise and judge the items of one round that are not finished yet (resuming from their files)."""
+    """Synthesise and judge the items of one round that are not finished yet (resuming from their files, or
+    linking them from `cfg.reuse_from`)."""
     synthed, todo = [], []
     for it in items:
+        if cfg.reuse_from is not None and not any((root / "items" / f"{it['id']}{s}").is_file()
+                                                  for s in (".json", ".synth.json")):
+            stats["linked"] += _adopt(cfg.reuse_from, root, it, cfg.judge)
         f = _load_existing(root, it, ".json")
         if f is not None:
             finals[it["id"]] = f
@@ -533,7 +587,7 @@ def build_corpus(cfg: SynthConfig) -> dict:
     next_k = {t: sum(it["task"] == t for it in items) for t in cfg.tasks}
     finals: dict[str, dict] = {}
     stats = {"planned": 0, "rounds": 0, "reused_final": 0, "reused_synth": 0, "synthesized_this_run": 0,
-             "judged_this_run": 0, "engine_failures": 0}
+             "judged_this_run": 0, "engine_failures": 0, "linked": 0}
     all_items: list[dict] = []
     ctx = mp.get_context("spawn")
     with ctx.Pool(cfg.jobs, initializer=_worker_init) as pool:

@@ -8,7 +8,7 @@ so training and inference can never disagree on the prompt format.
 
 Audio content: an audio message may already carry `audio_tokens` (LLM ids) and `features`; otherwise the
 semantic ids and Whisper features are computed from its file by frozen encoders, either on the fly or once
-into a cache folder (`AudioCache`, one safetensors file per audio file keyed by path, size and mtime).
+into a cache folder (`AudioCache`, one safetensors file per audio file keyed by the file's content).
 
 `collate_lm` right-pads a list of prompts and builds the training targets exactly as the official finetune
 code: both id streams shifted left by one with the pad id appended, loss masks shifted the same way.
@@ -96,8 +96,11 @@ class AudioCache:
 
     `semantic(wave [S]) -> ids` (raw codebook ids) and `features(wave [S]) -> [1, N, D]` are the frozen
     encoders (either may be None). `token_offset` turns codebook ids into LLM ids. Cache entries are keyed by
-    the file (path, size, mtime) and by how the features are made (a `ContinuousFeatureExtractor`'s padding),
-    so one cache folder never serves 30 s-padded features to a clip-padded run or back."""
+    the file's bytes (so a copy or hard link of a file elsewhere, e.g. in a grown corpus, finds its entry) and
+    by how the features are made (a `ContinuousFeatureExtractor`'s padding), so one cache folder never serves
+    30 s-padded features to a clip-padded run or back. Entries written under the earlier key (the file's
+    path, size and mtime) are still read. One cache folder belongs to one pair of encoders: entries do not
+    record which VQ or Whisper made them."""
 
     def __init__(self, *, token_offset: int, semantic: Callable | None = None, features: Callable | None = None,
                  cache_dir: str | os.PathLike | None = None, loader: Callable[[Path], torch.Tensor] | None = None):
@@ -105,6 +108,7 @@ class AudioCache:
         self.dir = Path(cache_dir) if cache_dir else None
         padding = getattr(features, "padding", "segment")
         self._mode = "" if padding == "segment" else f"|{padding}"  # segment keys as before: old caches stay valid
+        self._digests: dict[tuple[str, int, int], str] = {}
         if self.dir:
             self.dir.mkdir(parents=True, exist_ok=True)
         if loader is None:
@@ -113,15 +117,53 @@ class AudioCache:
 
     def _key(self, path: Path) -> str:
         st = path.stat()
+        stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if stamp not in self._digests:  # hashed once per file and process
+            self._digests[stamp] = hashlib.sha1(path.read_bytes()).hexdigest()
+        return hashlib.sha1(f"content|{self._digests[stamp]}{self._mode}".encode()).hexdigest()
+
+    def _path_key(self, path: Path) -> str:
+        st = path.stat()
         return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}{self._mode}".encode()).hexdigest()
+
+    def _entry(self, path: Path, folder: Path | None = None) -> Path | None:
+        """The cache file of `path` in `folder` (default: this cache's), under either key, or None."""
+        folder = folder or self.dir
+        if folder is None:
+            return None
+        for key in (self._key(path), self._path_key(path)):
+            if (folder / f"{key}.safetensors").is_file():
+                return folder / f"{key}.safetensors"
+        return None
+
+    def adopt(self, folder: str | os.PathLike, paths: Iterable[str | os.PathLike]) -> int:
+        """Link into this cache the entries that another cache folder, made by the same encoders, holds for
+        `paths` (files as they are now); returns how many were linked. Entries are keyed by content, so the
+        same audio at another path (a grown corpus's hard links) then finds them."""
+        if self.dir is None:
+            raise ConfigError("this AudioCache has no cache folder to adopt entries into")
+        n = 0
+        for p in map(Path, paths):
+            dst = self.dir / f"{self._key(p)}.safetensors"
+            src = None if dst.is_file() else self._entry(p, Path(folder))
+            if src is not None:
+                try:
+                    os.link(src, dst)
+                except FileExistsError:
+                    continue
+                except OSError:  # another file system
+                    save_safetensors(load_file(str(src)), dst)
+                n += 1
+        return n
 
     def get(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
         path = Path(path)
         if not path.is_file():
             raise PromptError(f"audio file not found: {path}")
+        hit = self._entry(path)
+        if hit is not None:
+            return load_file(str(hit))
         cached = self.dir / f"{self._key(path)}.safetensors" if self.dir else None
-        if cached is not None and cached.is_file():
-            return load_file(str(cached))
         wave = self.loader(path)
         out: dict[str, torch.Tensor] = {}
         with torch.no_grad():

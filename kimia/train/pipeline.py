@@ -89,8 +89,10 @@ EVAL_TASKS: dict[str, tuple[str, str, dict[str, str]]] = {
 EVAL_RECIPES = {k: v[1] for k, v in EVAL_TASKS.items()}
 # recipe options added after pipelines were run: stage -> section -> ({key: its "off" value}, keys that only
 # matter when it is on). Off, they are left out of the stage's fingerprint, so a finished stage stays finished.
+# (section "": the stage's settings themselves)
 ADDED_OFF: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
     "dit": {"data": ({"token_noise": 0.0}, ("token_noise_neighbours",))},
+    "corpus": {"": ({"text_sources": ["fortune"]}, ())},
 }
 # the shipped model's floors (issue 6) shown beside each figure of the model card: (lower is better, bound)
 EVAL_FLOORS: dict[str, tuple[bool, float]] = {"asterisk": (True, 25.0), "asr": (True, 10.0), "spoken_qa": (False, 90.0),
@@ -143,6 +145,10 @@ class CorpusStage:
     task_weights: dict[str, float] = field(default_factory=dict)  # share of `hours` per task (empty: equal)
     augment: bool = True  # channel augmentation (band limit, noise, reverb) of the train split
     text_sources: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_SOURCES))  # fortune, wordnet
+    # an earlier pipeline's work folder (or a corpus folder) whose corpus this one grows: items of the same
+    # spec are hard-linked, not remade, and tokenize links that pipeline's caches where its VQ / Whisper are
+    # the same. The result is the same as without it, so it is not part of the corpus stage's fingerprint
+    reuse_from: str | None = None
 
 
 @dataclass
@@ -264,6 +270,26 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _without_added_off(stage: str, d: dict[str, Any]) -> dict[str, Any]:
+    """`d` without the options of `ADDED_OFF` that are off: a stage run before they existed keeps its fingerprint."""
+    for section, (off, dependent) in ADDED_OFF.get(stage, {}).items():
+        sec = d.get(section, {}) if section else d
+        if all(sec.get(k) == v for k, v in off.items()):
+            for k in (*off, *dependent):
+                sec.pop(k, None)
+    return d
+
+
+def _whisper_identity(info: dict[str, Any]) -> Any:
+    """What a whisper stage's marker says its encoder is: a packaged one by its file checksums, a folder by
+    its content fingerprint (None when it is gone)."""
+    if info.get("reference"):
+        return info
+    from kimia.eval.runner import folder_fingerprint
+
+    return folder_fingerprint(info["source"]) if Path(info["source"]).is_dir() else None
+
+
 class Pipeline:
     """Runs the stages of one `PipelineConfig`; `run(stages, force)` returns a StageResult per stage."""
 
@@ -337,14 +363,11 @@ class Pipeline:
                 d["train"].pop(k, None)
             d["train"].pop("steps", None)  # training longer is not a different stage (--force continues it)
             d["optim"].pop("min_lr_ratio", None)
-            for section, (off, dependent) in ADDED_OFF.get(stage, {}).items():
-                sec = d.get(section, {})
-                if all(sec.get(k) == v for k, v in off.items()):  # off: a stage run before the option existed
-                    for k in (*off, *dependent):  # keeps its fingerprint
-                        sec.pop(k, None)
-            return d
+            return _without_added_off(stage, d)
         if stage == "corpus":
-            return to_dict(self.cfg.corpus)
+            d = to_dict(self.cfg.corpus)
+            d.pop("reuse_from", None)  # a shortcut to the same files
+            return _without_added_off(stage, d)
         return to_dict(getattr(self.cfg, stage))
 
     # ---- run ---------------------------------------------------------------------------------------------
@@ -424,9 +447,38 @@ class Pipeline:
                          engines=tuple(c.engines or ENGINE_NAMES), tasks=tuple(c.tasks or TASKS), judge=c.judge,
                          eval_fraction=c.eval_fraction, output_voice=c.output_voice, progress=False,
                          task_weights=dict(c.task_weights) or None, augment=c.augment,
-                         text_sources=tuple(c.text_sources))
+                         text_sources=tuple(c.text_sources), reuse_from=self._earlier()[0])
         summary = build_corpus(sc)
-        return {"corpus": str(self.corpus), "items": summary.get("items", summary.get("accepted"))}
+        return {"corpus": str(self.corpus), "items": summary.get("items", summary.get("accepted")),
+                "linked_from": str(sc.reuse_from) if sc.reuse_from else None}
+
+    def _earlier(self) -> tuple[Path | None, Path | None]:
+        """`corpus.reuse_from` as (its corpus folder, its pipeline work folder; None for a bare corpus)."""
+        r = self.cfg.corpus.reuse_from
+        if not r:
+            return None, None
+        r = Path(r)
+        if (r / "items").is_dir():
+            return r, None
+        m = r / "corpus" / MARKER
+        if not m.is_file():
+            raise ConfigError(f"corpus.reuse_from {r} is neither a corpus folder (items/) nor a pipeline work folder "
+                              "whose corpus stage finished")
+        return Path(json.loads(m.read_text())["info"]["corpus"]), r
+
+    def _adopt_caches(self, cache: Any, sub: str, same: bool) -> None:
+        """Link the tokenize cache `sub` of the `corpus.reuse_from` pipeline into `cache` when that pipeline's
+        encoder was the same (`same`): entries are keyed by content, so the grown corpus's linked audio finds
+        them."""
+        corpus, work = self._earlier()
+        folder = work / "tokenize" / sub if work is not None else None
+        if folder is None or not folder.is_dir():
+            return
+        if not same:
+            logger.info("tokenize: not reusing %s (made by another encoder)", folder)
+            return
+        n = cache.adopt(folder, sorted(corpus.rglob("*.wav")))
+        logger.info("tokenize: %d cache entries linked from %s", n, folder)
 
     def _stage_whisper(self) -> dict[str, Any]:
         src = self.cfg.whisper.source
@@ -620,6 +672,13 @@ class Pipeline:
         semantic = load_semantic_tokenizer(self.export("vq"), device="cpu")
         ids = AudioCache(token_offset=lm_cfg.kimia_token_offset, semantic=semantic,
                          cache_dir=self.dir("tokenize") / "ids")
+        earlier = self._earlier()[1]
+        if earlier is not None:
+            from kimia.eval.runner import folder_fingerprint
+
+            vq = earlier / "vq" / "export"
+            self._adopt_caches(ids, "ids", vq.is_dir() and folder_fingerprint(vq) == folder_fingerprint(
+                self.export("vq")))
         out_dir = self.dir("tokenize")
         counts: dict[str, Any] = {}
         for split in self.cfg.tokenize.splits:
@@ -655,6 +714,11 @@ class Pipeline:
 
             feats = AudioCache(token_offset=lm_cfg.kimia_token_offset, features=load_continuous_extractor(
                 self.whisper_source(), device="cpu", padding=self.cfg.whisper.padding), cache_dir=self.feature_cache)
+            if earlier is not None:
+                w = earlier / "whisper" / MARKER
+                here = _whisper_identity(self._marker("whisper")["info"])
+                self._adopt_caches(feats, self.feature_cache.name, here is not None and w.is_file()
+                                   and _whisper_identity(json.loads(w.read_text())["info"]) == here)
             ds = ManifestLMDataset(read_manifests([out_dir / "train.jsonl"]), builder, audio=feats)
             for i in range(len(ds)):
                 ds[i]
