@@ -40,6 +40,20 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def link_atomic(src: Path, dst: Path) -> None:
+    """`dst` becomes the same file as `src` (a hard link; a copy across file systems), replacing any leftover."""
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
 def write_wav_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     """16-bit PCM wav, written under a temporary name and renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)

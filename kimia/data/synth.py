@@ -31,7 +31,6 @@ import logging
 import multiprocessing as mp
 import os
 import random
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from kimia.data import texts
 from kimia.data.augment import apply_channel, plan_channel
 from kimia.data.engines import ENGINE_NAMES, Voice, available_engines, get_engine, voice_from_dict
 from kimia.data.judge import JUDGE_SAMPLE_RATE, RULES, decide
-from kimia.data.manifest import read_json, write_json_atomic, write_outputs, write_wav_atomic
+from kimia.data.manifest import link_atomic, read_json, write_json_atomic, write_outputs, write_wav_atomic
 from kimia.data.sounds import plan_sound, recipe_id, render_sound
 from kimia.errors import ConfigError, KimiaError
 
@@ -467,18 +466,6 @@ def _load_existing(root: Path, item: dict, suffix: str) -> dict | None:
     return rec
 
 
-def _link(src: Path, dst: Path) -> None:
-    """`dst` becomes the same file as `src` (a hard link; a copy across file systems), replacing any leftover."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
-
-
 def _adopt(src: Path, root: Path, item: dict, judge: bool) -> bool:
     """Link an earlier corpus's files of `item` into `root` when they were made from the same spec: the final
     record when it was judged (or not) as this run judges, else the synthesised one. The record is linked last,
@@ -497,10 +484,10 @@ def _adopt(src: Path, root: Path, item: dict, judge: bool) -> bool:
             return False  # audio missing: make the item here
         for p in audio:
             if p.is_file():  # a rejected item's audio is deleted
-                _link(p, root / p.relative_to(src))
+                link_atomic(p, root / p.relative_to(src))
         if suffix == ".json" and (src / "items" / f"{item['id']}.synth.json").is_file():
-            _link(src / "items" / f"{item['id']}.synth.json", root / "items" / f"{item['id']}.synth.json")
-        _link(f, root / "items" / f.name)
+            link_atomic(src / "items" / f"{item['id']}.synth.json", root / "items" / f"{item['id']}.synth.json")
+        link_atomic(f, root / "items" / f.name)
         return True
     return False
 

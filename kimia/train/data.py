@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from kimia.checkpoints.common import save_safetensors
+from kimia.data.manifest import link_atomic
 from kimia.errors import ConfigError, PromptError
 from kimia.lm.model import scatter_continuous
 from kimia.prompt import PromptBatch, PromptBuilder, collate
@@ -147,12 +148,7 @@ class AudioCache:
             dst = self.dir / f"{self._key(p)}.safetensors"
             src = None if dst.is_file() else self._entry(p, Path(folder))
             if src is not None:
-                try:
-                    os.link(src, dst)
-                except FileExistsError:
-                    continue
-                except OSError:  # another file system
-                    save_safetensors(load_file(str(src)), dst)
+                link_atomic(src, dst)
                 n += 1
         return n
 
