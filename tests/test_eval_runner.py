@@ -299,6 +299,32 @@ def test_compare_runs_side_by_side(tmp_path):
     row = [ln for ln in md.splitlines() if ln.startswith("| run_a/overall")][0]
     assert "100.00" in row and "50.00" in row
     assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    # same model name and recipe in both: the columns are told apart by run folder; item 1 went wrong in b
+    assert str(tmp_path / "other" / "run_a") in md.splitlines()[0]
+    paired = [ln for ln in md.splitlines() if ln.startswith("| run_a | ")]
+    assert len(paired) == 1 and paired[0].endswith("| 2 | 0 | 1 | 1 | 1 |")
+
+
+def test_compare_runs_pairs_asr_items_by_index(tmp_path):
+    m, script = _asr_manifest(tmp_path, n=6)  # u0-u3 right, u4 and u5 one substitution each
+    worse = dict(script, u0=script["u0"].replace("fox", "box"), u1="", u4=script["u4"].replace("jumped", "jumps"))
+    for name, sc in (("a", script), ("b", worse)):
+        run_dataset(load_manifest(m), ScriptedPredictor(sc), load_recipe("asr"), tmp_path / name, progress=False)
+        score_run(tmp_path / name, dataset="tiny", model=name, plots=False)
+    md = compare_runs([tmp_path / "a", tmp_path / "b"])
+    assert md.splitlines()[-1] == "| tiny | b vs a | 6 | 1 | 2 | 3 | 1 |"
+    # both directions count the same items the other way round
+    assert compare_runs([tmp_path / "b", tmp_path / "a"]).splitlines()[-1] == "| tiny | a vs b | 6 | 2 | 1 | 3 | 1 |"
+
+
+def test_sign_test_matches_scipy_binomtest():
+    from scipy.stats import binomtest
+
+    from kimia.eval.report import sign_test
+
+    for better, worse in [(9, 1), (1, 9), (32, 17), (5, 2), (0, 7), (3, 3), (40, 0), (120, 95)]:
+        assert sign_test(better, worse) == pytest.approx(binomtest(better, better + worse).pvalue, rel=1e-9)
+    assert sign_test(0, 0) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------- CLI

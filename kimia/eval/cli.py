@@ -1,7 +1,8 @@
 """`kimia eval`: run, re-score, compare, build the real-speech sets, list recipes and datasets.
 
     kimia eval --model PATH --data MANIFEST|DATASET|GROUP [--recipe R] [--batch N] [--work-dir DIR]
-    kimia eval --compare RUN_DIR_OR_METRICS [...] [--out table.md]
+    kimia eval --compare RUN_DIR_OR_METRICS [...] [--out table.md]   (side by side; runs of one dataset are
+        also paired item by item with the first: how many items better / worse, and a sign test)
     kimia eval --build asterisk|pocketsphinx --out DIR
     kimia eval --chain MANIFEST [...] [--model PATH] [--limit N] [--out DIR]   (kimia.eval.chain: where the
         model's spoken answers lose their words, link by link, on a corpus' reference answers)

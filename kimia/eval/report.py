@@ -7,7 +7,8 @@ with the recipe's metric, and writes:
 - `details.jsonl`: per item reference/prediction tokens or extracted answers;
 - `report.md`: a Markdown table per subset, the bad-row summary and the recipe;
 - `plots/`: WER by subset and by utterance length (ASR), a confusion matrix (choice/label tasks).
-`compare_runs` puts several metrics files side by side (Markdown, and a grouped bar chart).
+`compare_runs` puts several metrics files side by side (Markdown, and a grouped bar chart) and, for runs of one
+dataset, counts the items each run does better / worse than the first (a paired sign test).
 Plots use matplotlib's Agg backend (no display needed).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -29,7 +31,8 @@ from kimia.eval.recipes import Recipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["score_run", "score_records", "markdown_report", "compare_runs", "LENGTH_BUCKETS"]
+__all__ = ["score_run", "score_records", "markdown_report", "compare_runs", "paired_counts", "sign_test",
+           "LENGTH_BUCKETS"]
 
 LENGTH_BUCKETS = ((0.0, 5.0), (5.0, 10.0), (10.0, 20.0), (20.0, 60.0))
 OVERALL = "overall"
@@ -213,21 +216,80 @@ def markdown_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def item_value(detail: dict, metric: str) -> float | None:
+    """One item's figure from `details.jsonl`, oriented so that higher is better (None: not scored)."""
+    if metric in ("wer", "speech_wer"):
+        n = detail.get("ref_len") or 0
+        return -float(detail["errors"]) / n if n else None
+    if metric in ("choice", "label"):
+        return float(bool(detail.get("correct")))
+    v = detail.get("score")
+    return None if v is None else float(v)
+
+
+def sign_test(better: int, worse: int) -> float:
+    """Two-sided exact sign-test p-value of `better` against `worse` (ties left out); 1.0 with no untied pair."""
+    n, k = better + worse, min(better, worse)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
+
+
+def paired_counts(base: list[dict], other: list[dict], metric: str) -> dict:
+    """Item by item, `other` against `base` on the items both scored (matched on subset and index):
+    {items, better, worse, same, p} with p the two-sided sign test of better against worse."""
+    key = lambda d: (str(d.get("subset")), str(d.get("index")))  # noqa: E731
+    ref = {key(d): item_value(d, metric) for d in base}
+    better = worse = same = 0
+    for d in other:
+        a, b = ref.get(key(d)), item_value(d, metric)
+        if a is None or b is None:
+            continue
+        better, worse, same = better + (b > a), worse + (b < a), same + (b == a)
+    return {"items": better + worse + same, "better": better, "worse": worse, "same": same,
+            "p": round(sign_test(better, worse), 4)}
+
+
+def _paired_section(runs: list[dict], labels: list[str], files: list[Path]) -> list[str]:
+    """Markdown rows pairing every run with the first run of the same dataset and metric, item by item (only
+    where both folders kept their `details.jsonl` and share scored items)."""
+    rows, first = [], {}
+    for i, r in enumerate(runs):
+        group = (r["dataset"], r["eval_method"])
+        if group not in first:
+            first[group] = i
+            continue
+        j = first[group]
+        base, other = (_read_jsonl(files[k].parent / "details.jsonl") for k in (j, i))
+        c = paired_counts(base, other, r["eval_method"])
+        if c["items"]:
+            rows.append(f"| {r['dataset']} | {labels[i]} vs {labels[j]} | {c['items']} | {c['better']} | "
+                        f"{c['worse']} | {c['same']} | {c['p']:.3g} |")
+    if not rows:
+        return []
+    return ["", "Item by item against the first run of each dataset (p: two-sided sign test, ties left out):", "",
+            "| dataset | runs | items | better | worse | same | p |", "|---" * 7 + "|", *rows]
+
+
 def compare_runs(metrics_files: Iterable[str | Path], out_md: str | Path | None = None,
                  out_png: str | Path | None = None) -> str:
-    """Side-by-side table of several runs (rows: dataset/subset, columns: runs); optionally a bar chart."""
-    runs = []
+    """Side-by-side table of several runs (rows: dataset/subset, columns: runs), then, for runs of one dataset,
+    the items each later run does better / worse than the first (from `details.jsonl`); optionally a bar chart."""
+    runs, files = [], []
     for f in metrics_files:
         f = Path(f)
         f = f / "metrics.json" if f.is_dir() else f
         if not f.is_file():
             raise ConfigError(f"no metrics file at {f}")
         runs.append(json.loads(f.read_text(encoding="utf-8")))
+        files.append(f)
     if not runs:
         raise ConfigError("compare needs at least one run")
     labels = [f"{r['model']}" for r in runs]
     if len(set(labels)) < len(labels):  # same model twice (e.g. two recipes): add the recipe name
         labels = [f"{r['model']} ({r['recipe'].get('name')})" for r in runs]
+    if len(set(labels)) < len(labels):  # e.g. two model folders both called "model": name the run folders
+        labels = [str(f.parent) for f in files]
     rows: dict[tuple[str, str], list] = {}
     for i, r in enumerate(runs):
         for sub, st in r["performance"].items():
@@ -236,6 +298,7 @@ def compare_runs(metrics_files: Iterable[str | Path], out_md: str | Path | None 
     lines = ["| dataset/subset | metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 2) + "|"]
     for (name, col), vals in sorted(rows.items()):
         lines.append(f"| {name} | {col} | " + " | ".join(_fmt(v) for v in vals) + " |")
+    lines += _paired_section(runs, labels, files)
     md = "\n".join(lines) + "\n"
     if out_md:
         Path(out_md).write_text(md, encoding="utf-8")
