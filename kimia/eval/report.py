@@ -235,14 +235,17 @@ def sign_test(better: int, worse: int) -> float:
     return min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
 
 
+def _item_key(detail: dict) -> tuple[str, str]:
+    return str(detail.get("subset")), str(detail.get("index"))
+
+
 def paired_counts(base: list[dict], other: list[dict], metric: str) -> dict:
     """Item by item, `other` against `base` on the items both scored (matched on subset and index):
     {items, better, worse, same, p} with p the two-sided sign test of better against worse."""
-    key = lambda d: (str(d.get("subset")), str(d.get("index")))  # noqa: E731
-    ref = {key(d): item_value(d, metric) for d in base}
+    ref = {_item_key(d): item_value(d, metric) for d in base}
     better = worse = same = 0
     for d in other:
-        a, b = ref.get(key(d)), item_value(d, metric)
+        a, b = ref.get(_item_key(d)), item_value(d, metric)
         if a is None or b is None:
             continue
         better, worse, same = better + (b > a), worse + (b < a), same + (b == a)
