@@ -66,8 +66,9 @@ def run_data_cli(args: argparse.Namespace) -> int:
             weights[task] = float("nan")
         if weights[task] != weights[task]:
             raise ConfigError(f"--task-weight wants TASK=WEIGHT, got {kv!r}")
-    cfg = SynthConfig(task_weights=weights or None, augment=not args.no_augment, out=args.out, hours=args.hours, seed=args.seed, jobs=args.jobs, engines=tuple(args.engines),
-                      tasks=tuple(args.tasks), judge=not args.no_judge, eval_fraction=args.eval_fraction,
+    cfg = SynthConfig(out=args.out, hours=args.hours, seed=args.seed, jobs=args.jobs, engines=tuple(args.engines),
+                      tasks=tuple(args.tasks), task_weights=weights or None, augment=not args.no_augment,
+                      judge=not args.no_judge, eval_fraction=args.eval_fraction,
                       output_voice=args.output_voice, progress=not args.no_progress,
                       text_sources=tuple(args.text_sources), reuse_from=args.reuse_from)
     summary = build_corpus(cfg)
