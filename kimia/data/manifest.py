@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -42,8 +43,6 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def link_atomic(src: Path, dst: Path) -> None:
     """`dst` becomes the same file as `src` (a hard link; a copy across file systems), replacing any leftover."""
-    import shutil
-
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(dst)
     tmp.unlink(missing_ok=True)

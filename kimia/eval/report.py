@@ -148,13 +148,17 @@ def score_records(records: list[dict], recipe: Recipe, dataset: str = "", judge=
     return perf, details, extras
 
 
+def _metric_kind(metric: str) -> str:
+    """What a metric scores: "wer" (word errors, lower is better), "accuracy" (right or wrong) or "score"."""
+    if metric in ("wer", "speech_wer"):
+        return "wer"
+    return "accuracy" if metric in ("choice", "label") else "score"
+
+
 def headline(perf: dict, metric: str) -> tuple[str, float | None]:
     """The one number of a subset's stats: (column name, value)."""
-    if metric in ("wer", "speech_wer"):
-        return "WER %", perf.get("wer")
-    if metric in ("choice", "label"):
-        return "acc %", perf.get("accuracy")
-    return "score", perf.get("score")
+    kind = _metric_kind(metric)
+    return {"wer": "WER %", "accuracy": "acc %", "score": "score"}[kind], perf.get(kind)
 
 
 def score_run(run_dir: str | Path, *, dataset: str, model: str, recipe: Recipe | None = None, judge=None,
@@ -218,10 +222,11 @@ def markdown_report(result: dict) -> str:
 
 def item_value(detail: dict, metric: str) -> float | None:
     """One item's figure from `details.jsonl`, oriented so that higher is better (None: not scored)."""
-    if metric in ("wer", "speech_wer"):
+    kind = _metric_kind(metric)
+    if kind == "wer":
         n = detail.get("ref_len") or 0
         return -float(detail["errors"]) / n if n else None
-    if metric in ("choice", "label"):
+    if kind == "accuracy":
         return float(bool(detail.get("correct")))
     v = detail.get("score")
     return None if v is None else float(v)
