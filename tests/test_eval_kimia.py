@@ -177,6 +177,31 @@ def test_key_qa_scores_the_answer_key():
     assert perf["overall"]["score"] == 50.0
 
 
+def test_question_score_counts_each_question_once_across_voices():
+    from kimia.eval.report import markdown_report, score_records
+
+    # one question said in three voices (2 of 3 right) in two subsets, another said once (wrong), a third once
+    # (right): items 3 / 5 = 60 %; questions (2/3 + 0 + 1) / 3 = 55.56 %
+    add, count, day = ("What is two plus two?", "four"), ("Count from one to three.", "one, two, three"), \
+        ("Which day comes after Monday?", "tuesday")
+    said = [("arithmetic", add, "Two plus two is four."), ("counting", count, "One, two."),
+            ("arithmetic", add, "It is four"), ("facts", day, "Tuesday."),
+            ("facts", ("what is two plus two", "four"), "Five.")]
+    recs = [{"index": i, "subset": sub, "audio_content": q, "answer": k, "key": k, "prediction": p}
+            for i, (sub, (q, k), p) in enumerate(said)]
+    perf, details, _ = score_records(recs, load_recipe("spoken_qa"))
+    assert [d["score"] for d in sorted(details, key=lambda d: d["index"])] == [100.0, 0.0, 100.0, 100.0, 0.0]
+    assert perf["overall"]["score"] == 60.0
+    assert perf["overall"]["questions"] == 3  # the fifth item says the first question (normalised text)
+    assert perf["overall"]["question_score"] == round(100 * (2 / 3 + 0 + 1) / 3, 2)
+    md = markdown_report({"model": "m", "dataset": "d", "task": "spoken_qa", "eval_method": "key_qa",
+                          "performance": perf, "counts": {"scored": 5, "bad": 0, "skipped": 0}, "recipe": {}})
+    assert "question_score" in md and "55.56" in md
+    # records without the said text (a generic eval-kit set) get no per-question figure
+    bare = [{k: v for k, v in r.items() if k != "audio_content"} for r in recs]
+    assert "questions" not in score_records(bare, load_recipe("spoken_qa"))[0]["overall"]
+
+
 def test_spoken_answers_are_heard_outside_the_model_process():
     """Once CTranslate2 (its own OpenMP runtime) has run in a process, every later answer of the model there is
     slower (first audio 0.70 -> 0.97 s median, measured), so the speech eval's recognizer runs in a process of its

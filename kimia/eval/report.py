@@ -32,7 +32,7 @@ from kimia.eval.recipes import Recipe
 logger = logging.getLogger(__name__)
 
 __all__ = ["score_run", "score_records", "markdown_report", "compare_runs", "paired_counts", "sign_test",
-           "LENGTH_BUCKETS"]
+           "question_score", "LENGTH_BUCKETS"]
 
 LENGTH_BUCKETS = ((0.0, 5.0), (5.0, 10.0), (10.0, 20.0), (20.0, 60.0))
 OVERALL = "overall"
@@ -142,6 +142,8 @@ def score_records(records: list[dict], recipe: Recipe, dataset: str = "", judge=
             valid = [v for v in vals if v is not None]
             perf[sub] = {"total": len(vals), "invalid": len(vals) - len(valid),
                          "score": round(sum(valid) / len(valid), 2) if valid else None}
+        in_order = [rec for sub in subsets for rec in by_subset[sub]]  # the order `details` was written in
+        perf[OVERALL].update(question_score(in_order, [d["score"] for d in details]))
         extras["judged"] = verdicts is not None
     else:  # pragma: no cover - Recipe validates the metric
         raise ConfigError(f"unknown metric {metric}")
@@ -198,7 +200,7 @@ def markdown_report(result: dict) -> str:
     import yaml
     metric = result["eval_method"]
     perf = result["performance"]
-    keys = [k for k in next(iter(perf.values()), {}).keys()]
+    keys = list(dict.fromkeys(k for st in perf.values() for k in st))  # overall may carry figures of its own
     lines = [f"# {result['model']} on {result['dataset']} ({result['task']}, {metric})", "",
              "| subset | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for sub in [s for s in perf if s != OVERALL] + ([OVERALL] if OVERALL in perf else []):
@@ -277,6 +279,23 @@ def _paired_section(runs: list[dict], labels: list[str], files: list[Path]) -> l
         return []
     return ["", "Item by item against the first run of each dataset (p: two-sided sign test, ties left out):", "",
             "| dataset | runs | items | better | worse | same | p |", "|---" * 7 + "|", *rows]
+
+
+def question_score(records: list[dict], scores: list[float | None]) -> dict:
+    """{questions, question_score}: the score with every distinct question counted once.
+
+    A synthetic eval set says one question in several voices, so a plain mean weighs a question by how many
+    voices drew it; here each question's items are averaged first, then the questions. The question is the
+    text the audio says (`audio_content`, or a corpus record's `text`); {} when records do not carry it."""
+    by_q: dict[str, list[float]] = defaultdict(list)
+    for rec, v in zip(records, scores):
+        q = rec.get("audio_content") or rec.get("text")
+        if not isinstance(q, str) or not q.strip():
+            return {}
+        if v is not None:
+            by_q[" ".join(normalize(q, "other").split())].append(v)
+    means = [sum(vs) / len(vs) for vs in by_q.values()]
+    return {"questions": len(means), "question_score": round(sum(means) / len(means), 2) if means else None}
 
 
 def compare_runs(metrics_files: Iterable[str | Path], out_md: str | Path | None = None,
