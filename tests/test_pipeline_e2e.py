@@ -185,16 +185,29 @@ def test_a_run_continues_an_assembled_folder_on_clip_length_features(run, tmp_pa
     folder whose kimia.json says so, which KimiAudio then follows."""
     from kimia.api import KimiAudio
     from kimia.encoders.semantic import load_semantic_tokenizer
+    from kimia.eval.runner import folder_fingerprint
     from kimia.model_folder import load_semantic, resolve_model_folder
 
     work, _ = run
     src = work / "assemble" / "model"
     cont = tmp_path / "cont"
     cfg = load_pipeline_config(TINY, [f"work_dir={cont}", f"corpus.path={work / 'corpus'}", f"from_model.folder={src}",
-                                      "whisper.padding=clip", "align.config=null", "eval.tasks=[asr]", "eval.limit=1",
-                                      "eval.demo=false"])
+                                      "whisper.padding=clip", "align.config=null", "eval.tasks=[spoken_qa]",
+                                      "eval.limit=1", "eval.demo=false", f"eval.baseline={src}"])
     results = Pipeline(cfg).run()
     assert [r.status for r in results] == ["done"] * len(STAGES)
+    # the folder it continued answered the same eval items; compare.md pairs them item by item
+    summary = json.loads((cont / "eval" / "summary.json").read_text())
+    base, new = summary["baseline"]["tasks"]["spoken_qa"], summary["spoken_qa"]
+    assert Path(base["run_dir"]).parent.parent == cont / "eval" / "baseline" and base["items"] == new["items"] == 1
+    assert json.loads((Path(base["run_dir"]) / "model.json").read_text())["fingerprint"] == folder_fingerprint(src)
+
+    def indices(r):
+        return [json.loads(line)["index"] for line in (Path(r["run_dir"]) / "predictions.jsonl").open()]
+
+    assert indices(base) == indices(new)
+    compare = (cont / "eval" / "compare.md").read_text()
+    assert "## spoken_qa" in compare and "Item by item" in compare and base["run_dir"] in compare
     for stage in ("vq", "lm_init", "dit", "vocoder"):
         assert not (cont / stage / "checkpoints").exists()
         assert json.loads((cont / stage / MARKER).read_text())["info"]["from_model"] == str(src)
@@ -244,6 +257,13 @@ def test_an_option_added_later_leaves_finished_stages_finished_while_off(run):
     assert _fingerprint(corpus) == json.loads((work / "corpus" / MARKER).read_text())["fingerprint"]
     wide = Pipeline(load_pipeline_config(TINY, [f"work_dir={work}", "corpus.text_sources=[fortune,wordnet]"]))
     assert wide.stage_settings("corpus")["text_sources"] == ["fortune", "wordnet"]
+    # eval.baseline likewise: unset, the finished eval stays finished; a baseline that is no model folder (or
+    # an eval task that does not exist) is refused when the config loads, not after hours of training
+    assert Pipeline(load_pipeline_config(TINY, [f"work_dir={work}"])).run(["eval"])[0].status == "skipped"
+    with pytest.raises(ConfigError, match=r"eval.baseline: .*nowhere is not a kimia model folder \(no kimia.json\)"):
+        load_pipeline_config(TINY, [f"work_dir={work}", f"eval.baseline={work / 'nowhere'}"])
+    with pytest.raises(ConfigError, match="eval.tasks: unknown task.*'speling'"):
+        load_pipeline_config(TINY, [f"work_dir={work}", "eval.tasks=[asr,speling]"])
 
 
 def test_a_grown_corpus_reuses_the_earlier_pipelines_items_and_caches(run, tmp_path):

@@ -93,6 +93,7 @@ EVAL_RECIPES = {k: v[1] for k, v in EVAL_TASKS.items()}
 ADDED_OFF: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
     "dit": {"data": ({"token_noise": 0.0}, ("token_noise_neighbours",))},
     "corpus": {"": ({"text_sources": ["fortune"]}, ())},
+    "eval": {"": ({"baseline": None}, ())},
 }
 # the shipped model's floors (issue 6) shown beside each figure of the model card: (lower is better, bound)
 EVAL_FLOORS: dict[str, tuple[bool, float]] = {"asterisk": (True, 25.0), "asr": (True, 10.0), "spoken_qa": (False, 90.0),
@@ -209,6 +210,9 @@ class EvalStage:
     max_new_tokens: int = 64
     demo: bool = True  # one spoken question answered in text + speech -> <work>/eval/demo.wav
     seed: int = 0
+    # a model folder (e.g. the shipped one) evaluated on the same items as the new model, every task but chain;
+    # <work>/eval/compare.md then pairs each task item by item (`kimia eval --compare`): the ship decision
+    baseline: str | None = None
 
 
 @dataclass
@@ -250,6 +254,12 @@ def load_pipeline_config(path: str | os.PathLike | None, overrides: list[str] | 
     from kimia.encoders.whisper import check_padding
 
     check_padding(cfg.whisper.padding, "whisper.padding")
+    # eval settings are checked now, not after hours of training
+    bad = [t for t in cfg.eval.tasks if t not in EVAL_TASKS]
+    if bad:
+        raise ConfigError(f"eval.tasks: unknown task(s) {bad}; known: {', '.join(sorted(EVAL_TASKS))}")
+    if cfg.eval.baseline is not None and not (Path(cfg.eval.baseline) / "kimia.json").is_file():
+        raise ConfigError(f"eval.baseline: {cfg.eval.baseline} is not a kimia model folder (no kimia.json)")
     return cfg
 
 
@@ -391,7 +401,7 @@ class Pipeline:
 
     def run_stage(self, stage: str, force: bool = False) -> StageResult:
         fp = _fingerprint(self.stage_settings(stage)) if stage not in ("assemble", "eval") else \
-            _fingerprint(to_dict(getattr(self.cfg, stage)))
+            _fingerprint(_without_added_off(stage, to_dict(getattr(self.cfg, stage))))
         done = self._marker(stage)
         if done is not None and not force:
             if done["fingerprint"] != fp:
@@ -780,9 +790,8 @@ class Pipeline:
         info: dict[str, Any] = {}
         if e.demo:
             info["demo"] = self._demo(out)
+        sets: dict[str, tuple[Path, int]] = {}  # task -> (manifest, limit): what the baseline answers too
         for task in e.tasks:
-            if task not in EVAL_TASKS:
-                raise ConfigError(f"eval.tasks: unknown task {task!r}; known: {sorted(EVAL_TASKS)}")
             local = self._eval_manifest(task, out)
             if local is None:
                 continue
@@ -790,11 +799,29 @@ class Pipeline:
             if task == "chain":
                 info[task] = run_chain_eval(self.model_dir, str(local), out / "runs" / "chain", limit)
                 continue
+            sets[task] = (local, limit)
             info[task] = run_quick_eval(self.model_dir, str(local), EVAL_RECIPES[task], out / "runs", limit,
                                         e.max_new_tokens)
-        (out / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
+        summary = dict(info)
+        if e.baseline is not None:
+            summary["baseline"] = self._eval_baseline(Path(e.baseline), sets, info, out)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         update_card_section(self.model_dir, "Evaluation", eval_table(info))
-        return info
+        return summary
+
+    def _eval_baseline(self, folder: Path, sets: dict[str, tuple[Path, int]], info: dict[str, Any], out: Path
+                       ) -> dict[str, Any]:
+        """`folder` answers every task's items as the new model did; <out>/compare.md pairs them task by task."""
+        from kimia.eval.report import compare_runs
+
+        e, tasks, md = self.cfg.eval, {}, [f"# {self.model_dir} against the baseline {folder}", ""]
+        for task, (manifest, limit) in sets.items():
+            tasks[task] = run_quick_eval(folder, str(manifest), EVAL_RECIPES[task], out / "baseline", limit,
+                                         e.max_new_tokens)
+            md += [f"## {task}", "", compare_runs([Path(tasks[task]["run_dir"]), Path(info[task]["run_dir"])])]
+        (out / "compare.md").write_text("\n".join(md))
+        logger.info("eval: the new model against %s, item by item: %s", folder, out / "compare.md")
+        return {"folder": str(folder), "tasks": tasks, "compare": str(out / "compare.md")}
 
     def _eval_manifest(self, task: str, out: Path) -> Path | None:
         """The manifest one eval task runs on (absolute audio paths, filtered), or None when it has no items."""
