@@ -192,7 +192,7 @@ def test_a_run_continues_an_assembled_folder_on_clip_length_features(run, tmp_pa
     src = work / "assemble" / "model"
     cont = tmp_path / "cont"
     cfg = load_pipeline_config(TINY, [f"work_dir={cont}", f"corpus.path={work / 'corpus'}", f"from_model.folder={src}",
-                                      "whisper.padding=clip", "align.config=null", "eval.tasks=[spoken_qa]",
+                                      "whisper.padding=clip", "align.config=null", "eval.tasks=[spoken_qa,chain]",
                                       "eval.limit=1", "eval.demo=false", f"eval.baseline={src}"])
     results = Pipeline(cfg).run()
     assert [r.status for r in results] == ["done"] * len(STAGES)
@@ -208,6 +208,12 @@ def test_a_run_continues_an_assembled_folder_on_clip_length_features(run, tmp_pa
     assert indices(base) == indices(new)
     compare = (cont / "eval" / "compare.md").read_text()
     assert "## spoken_qa" in compare and "Item by item" in compare and base["run_dir"] in compare
+    # the speech chain of both folders, figure by figure (the same DiT and vocoder: the same resynthesis)
+    chain_old, chain_new = summary["baseline"]["tasks"]["chain"], summary["chain"]
+    assert Path(chain_old["run_dir"]) == cont / "eval" / "baseline" / "chain"
+    assert chain_old["items"] == chain_new["items"]
+    assert chain_old["value"]["original"] == chain_new["value"]["original"]
+    assert f"| wer | {chain_old['value']['wer']} | {chain_new['value']['wer']} |" in compare
     for stage in ("vq", "lm_init", "dit", "vocoder"):
         assert not (cont / stage / "checkpoints").exists()
         assert json.loads((cont / stage / MARKER).read_text())["info"]["from_model"] == str(src)

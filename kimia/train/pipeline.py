@@ -210,8 +210,8 @@ class EvalStage:
     max_new_tokens: int = 64
     demo: bool = True  # one spoken question answered in text + speech -> <work>/eval/demo.wav
     seed: int = 0
-    # a model folder (e.g. the shipped one) evaluated on the same items as the new model, every task but chain;
-    # <work>/eval/compare.md then pairs each task item by item (`kimia eval --compare`): the ship decision
+    # a model folder (e.g. the shipped one) evaluated on the same items as the new model; <work>/eval/compare.md
+    # then pairs each task item by item (`kimia eval --compare`; chain: its figures side by side): the ship decision
     baseline: str | None = None
 
 
@@ -796,10 +796,10 @@ class Pipeline:
             if local is None:
                 continue
             limit = e.limits.get(task, e.limit)
+            sets[task] = (local, limit)
             if task == "chain":
                 info[task] = run_chain_eval(self.model_dir, str(local), out / "runs" / "chain", limit)
                 continue
-            sets[task] = (local, limit)
             info[task] = run_quick_eval(self.model_dir, str(local), EVAL_RECIPES[task], out / "runs", limit,
                                         e.max_new_tokens)
         summary = dict(info)
@@ -816,6 +816,12 @@ class Pipeline:
 
         e, tasks, md = self.cfg.eval, {}, [f"# {self.model_dir} against the baseline {folder}", ""]
         for task, (manifest, limit) in sets.items():
+            if task == "chain":  # link by link: each figure side by side (its rows hold no per-item scores)
+                tasks[task] = run_chain_eval(folder, str(manifest), out / "baseline" / "chain", limit)
+                old, new = tasks[task]["value"], info[task]["value"]
+                md += [f"## {task}", "", "| figure | baseline | new |", "|---|---|---|",
+                       *(f"| {k} | {old.get(k)} | {v} |" for k, v in new.items()), ""]
+                continue
             tasks[task] = run_quick_eval(folder, str(manifest), EVAL_RECIPES[task], out / "baseline", limit,
                                          e.max_new_tokens)
             md += [f"## {task}", "", compare_runs([Path(tasks[task]["run_dir"]), Path(info[task]["run_dir"])])]
