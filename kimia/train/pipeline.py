@@ -816,7 +816,7 @@ class Pipeline:
 
         e, tasks, md = self.cfg.eval, {}, [f"# {self.model_dir} against the baseline {folder}", ""]
         for task, (manifest, limit) in sets.items():
-            if task == "chain":  # link by link: each figure side by side (its rows hold no per-item scores)
+            if task == "chain":  # link by link, each figure side by side (no per-item scores to pair yet)
                 tasks[task] = run_chain_eval(folder, str(manifest), out / "baseline" / "chain", limit)
                 old, new = tasks[task]["value"], info[task]["value"]
                 md += [f"## {task}", "", "| figure | baseline | new |", "|---|---|---|",
