@@ -795,13 +795,8 @@ class Pipeline:
             local = self._eval_manifest(task, out)
             if local is None:
                 continue
-            limit = e.limits.get(task, e.limit)
-            sets[task] = (local, limit)
-            if task == "chain":
-                info[task] = run_chain_eval(self.model_dir, str(local), out / "runs" / "chain", limit)
-                continue
-            info[task] = run_quick_eval(self.model_dir, str(local), EVAL_RECIPES[task], out / "runs", limit,
-                                        e.max_new_tokens)
+            sets[task] = (local, e.limits.get(task, e.limit))
+            info[task] = run_task_eval(self.model_dir, task, *sets[task], out / "runs", e.max_new_tokens)
         summary = dict(info)
         if e.baseline is not None:
             summary["baseline"] = self._eval_baseline(Path(e.baseline), sets, info, out)
@@ -816,15 +811,13 @@ class Pipeline:
 
         e, tasks, md = self.cfg.eval, {}, [f"# {self.model_dir} against the baseline {folder}", ""]
         for task, (manifest, limit) in sets.items():
+            tasks[task] = run_task_eval(folder, task, manifest, limit, out / "baseline", e.max_new_tokens)
             if task == "chain":  # link by link, each figure side by side (no per-item scores to pair yet)
-                tasks[task] = run_chain_eval(folder, str(manifest), out / "baseline" / "chain", limit)
                 old, new = tasks[task]["value"], info[task]["value"]
                 md += [f"## {task}", "", "| figure | baseline | new |", "|---|---|---|",
                        *(f"| {k} | {old.get(k)} | {v} |" for k, v in new.items()), ""]
-                continue
-            tasks[task] = run_quick_eval(folder, str(manifest), EVAL_RECIPES[task], out / "baseline", limit,
-                                         e.max_new_tokens)
-            md += [f"## {task}", "", compare_runs([Path(tasks[task]["run_dir"]), Path(info[task]["run_dir"])])]
+            else:
+                md += [f"## {task}", "", compare_runs([Path(tasks[task]["run_dir"]), Path(info[task]["run_dir"])])]
         (out / "compare.md").write_text("\n".join(md))
         logger.info("eval: the new model against %s, item by item: %s", folder, out / "compare.md")
         return {"folder": str(folder), "tasks": tasks, "compare": str(out / "compare.md")}
@@ -1005,6 +998,15 @@ def run_chain_eval(model_dir: Path, manifest: str, out: Path, limit: int) -> dic
              "lm_code_accuracy": r["lm"]["accuracy"], "lm_cross_entropy": r["lm"]["cross_entropy"],
              "lm_free_code_edit_rate": r["lm_free"]["edit_rate"], "lm_free_rows": r["lm_free"]["rows"]}
     return {"recipe": "chain", "metric": "resynthesis WER", "value": value, "items": r["rows"], "run_dir": str(out)}
+
+
+def run_task_eval(model_dir: Path, task: str, manifest: Path, limit: int, work: Path, max_new_tokens: int
+                  ) -> dict[str, Any]:
+    """One eval task of the pipeline on `model_dir`: the chain into <work>/chain, every other task's recipe
+    through `kimia eval` under <work>."""
+    if task == "chain":
+        return run_chain_eval(model_dir, str(manifest), work / "chain", limit)
+    return run_quick_eval(model_dir, str(manifest), EVAL_RECIPES[task], work, limit, max_new_tokens)
 
 
 def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, force: list[str] | None = None
