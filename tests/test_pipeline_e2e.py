@@ -238,9 +238,34 @@ def test_a_run_continues_an_assembled_folder_on_clip_length_features(run, tmp_pa
                           max_new_tokens=8, seed=0)[1]
     assert isinstance(text, str)
     with pytest.raises(ConfigError, match="from_model.stages"):
-        load_pipeline_config(TINY, [f"work_dir={cont}", "from_model.stages=[lm]"])
+        load_pipeline_config(TINY, [f"work_dir={cont}", "from_model.stages=[tokenize]"])
     with pytest.raises(ConfigError, match="whisper.padding"):
         load_pipeline_config(TINY, [f"work_dir={cont}", "whisper.padding=none"])
+
+
+def test_a_run_that_keeps_the_folders_lm_trains_only_what_is_not_taken(run, tmp_path):
+    """from_model.stages with lm (a DiT-only candidate): the folder's LM is assembled as it was (same files),
+    no LM trains and the corpus is not tokenized; the DiT trains (from scratch here) on the corpus."""
+    work, _ = run
+    src = work / "assemble" / "model"
+    cont = tmp_path / "dit_only"
+    cfg = load_pipeline_config(TINY, [f"work_dir={cont}", f"corpus.path={work / 'corpus'}", f"from_model.folder={src}",
+                                      "from_model.stages=[vq,lm_init,lm,vocoder]", "align.config=null",
+                                      "eval.tasks=[chain]", "eval.limit=1", "eval.demo=false"])
+    results = Pipeline(cfg).run()
+    assert [r.status for r in results] == ["done"] * len(STAGES)
+    assert "skipped" in json.loads((cont / "tokenize" / MARKER).read_text())["info"]
+    assert not (cont / "tokenize" / "train.jsonl").exists() and not (cont / "lm" / "checkpoints").exists()
+    assert (cont / "dit" / "checkpoints").is_dir()
+    lm_files = sorted(p.relative_to(src / "lm") for p in (src / "lm").rglob("*") if p.is_file())
+    new = cont / "assemble" / "model" / "lm"
+    assert lm_files and all((new / f).read_bytes() == (src / "lm" / f).read_bytes() for f in lm_files)
+    # the same run training its LM after all: tokenize's settings changed, so it is refused, not left empty
+    again = Pipeline(load_pipeline_config(TINY, [f"work_dir={cont}", f"corpus.path={work / 'corpus'}",
+                                                 f"from_model.folder={src}", "from_model.stages=[vq,lm_init,vocoder]",
+                                                 "align.config=null"]))
+    with pytest.raises(ConfigError, match="tokenize.*--force tokenize"):
+        again.run(["tokenize"])
 
 
 def test_an_option_added_later_leaves_finished_stages_finished_while_off(run):

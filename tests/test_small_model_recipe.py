@@ -285,6 +285,42 @@ def test_continued_adapters_start_where_the_folder_stopped_and_ship_as_factors_a
         LMRecipe(load_config(LMTrainConfig, None, [*over, f"lora.init={tmp_path / 'nope.safetensors'}"])).build_model(torch.device("cpu"))
 
 
+def test_a_folders_lm_taken_as_it_is_ships_the_same_delta_again(fake_base, tmp_path):
+    """from_model with `lm` (a candidate that only trains the DiT): the folder's LM is written as the lm stage
+    exports one (merged weights + its adapters), which loads as the folder's own LM bit for bit, and assembling
+    it again stores the very same delta (factors, not merged matrices), so nothing new enters git history."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from kimia.train.assemble import write_lm_delta
+    from kimia.train.lm import LORA_FILE
+    from kimia.train.pipeline import _seed_lm
+
+    export = _lora_export(fake_base, tmp_path)
+    doc = json.loads((export / "config.json").read_text())
+    doc["kimia_init"]["package"] = FAKE_PACKAGE
+    (export / "config.json").write_text(json.dumps(doc))
+    root = tmp_path / "shipped"
+    root.mkdir()
+    entry = write_lm_delta(export, root, "lm", dtype="float16")
+    out = tmp_path / "lm_export"
+    assert _seed_lm(SimpleNamespace(lm_delta=entry, root=root, lm=root / "lm"), out, out / LORA_FILE, merged=True) == 6
+    shipped, _ = load_delta_lm(entry, root, dtype=torch.float32)
+    seeded, _ = load_native_lm(out)
+    base, _ = load_native_lm(fake_base["export"].parent / "init")
+    for name, t in shipped.state_dict().items():
+        assert torch.equal(seeded.state_dict()[name], t), name
+    assert any(not torch.equal(seeded.state_dict()[f"{n}.weight"], base.state_dict()[f"{n}.weight"])
+               for n in entry["lora_scales"])  # merged: not the unmerged base the lm_init seed writes
+    root2 = tmp_path / "shipped2"
+    root2.mkdir()
+    entry2 = write_lm_delta(out, root2, "lm", dtype="float16")
+    assert entry2["lora_scales"] == entry["lora_scales"] and entry2["delta_tensors"] == entry["delta_tensors"]
+    a, b = load_file(root / entry["delta"]), load_file(root2 / entry2["delta"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_fp16_storage_leaves_a_file_already_in_fp16_byte_for_byte(tmp_path):
     """Assembly casts every part to the folder's dtype; a part carried over from an earlier fp16 folder must
     come out byte-identical (else each continued model adds a new copy of it to git history)."""

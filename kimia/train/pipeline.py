@@ -24,10 +24,11 @@
             `kimia eval` on the corpus' held-out manifests; results go to the model card
 
 `from_model` continues an earlier model folder (e.g. the shipped models/kimia-small, which survives in git when
-run folders do not): each stage it lists (vq, lm_init, dit, vocoder) takes that folder's part instead of
-training or converting one. lm_init gets the folder's LM with its LoRA factors left unmerged
+run folders do not): each stage it lists (vq, lm_init, dit, vocoder by default; lm too) takes that folder's
+part instead of training or converting one. lm_init gets the folder's LM with its LoRA factors left unmerged
 (lm_init/lora_start.safetensors), and the lm stage continues those adapters, so the new folder still stores
-the trunk as the packaged SmolLM2 plus small factors.
+the trunk as the packaged SmolLM2 plus small factors. Listing lm keeps the folder's LM as it is (a candidate
+that trains only its DiT or vocoder): tokenize then has nothing to do (with align off) and is skipped.
 
 Every stage writes its outputs under <work>/<stage>/ and, when finished, a marker `<work>/<stage>/DONE.json`
 (with the fingerprint of the stage's resolved settings). A rerun skips finished stages, so it does no work;
@@ -161,13 +162,15 @@ class WhisperStage:
     padding: str = "segment"
 
 
-SEEDABLE = ("vq", "lm_init", "dit", "vocoder")
+SEEDABLE = ("vq", "lm_init", "lm", "dit", "vocoder")
 
 
 @dataclass
 class FromModelStage:
     folder: str | None = None  # a native kimia model folder this run continues; None: every part from scratch
-    stages: list[str] = field(default_factory=lambda: list(SEEDABLE))  # the stages that take its part as is
+    # the stages that take its part as is; "lm" too keeps its trained LM as it is (e.g. a candidate that only
+    # trains the DiT further: no tokenize, no LM training)
+    stages: list[str] = field(default_factory=lambda: ["vq", "lm_init", "dit", "vocoder"])
 
 
 @dataclass
@@ -333,6 +336,11 @@ class Pipeline:
         return bool(self.cfg.from_model.folder) and stage in self.cfg.from_model.stages
 
     @property
+    def tokenize_unneeded(self) -> bool:
+        """No stage reads the tokenized corpus: the LM comes as it is from `from_model` and align is off."""
+        return self.seeded("lm") and not self.cfg.align.config
+
+    @property
     def lora_start(self) -> Path:
         return self.dir("lm_init") / "lora_start.safetensors"
 
@@ -363,6 +371,8 @@ class Pipeline:
 
     def stage_settings(self, stage: str) -> Any:
         """The settings a stage's fingerprint covers (its section; resolved recipe config for training)."""
+        if stage == "tokenize" and self.tokenize_unneeded:
+            return {"unneeded": "lm from from_model, align off"}
         if self.seeded(stage):
             from kimia.eval.runner import folder_fingerprint  # torch-free, shared with kimia eval
 
@@ -630,6 +640,10 @@ class Pipeline:
         info: dict[str, Any] = {"from_model": str(src)}
         if stage == "vq":
             _seed_semantic(p, tmp)
+        elif stage == "lm":  # as the lm stage exports: merged weights + the adapters (assembly stores those)
+            from kimia.train.lm import LORA_FILE
+
+            info["lora_layers"] = _seed_lm(p, tmp, tmp / LORA_FILE, merged=True)
         elif stage == "lm_init":
             self.lora_start.unlink(missing_ok=True)
             info["lora_layers"] = _seed_lm(p, tmp, self.lora_start)
@@ -663,6 +677,8 @@ class Pipeline:
         return {"folder": str(out), "audio_vocab": audio_vocab, "adaptor_input_dim": adaptor}
 
     def _stage_tokenize(self) -> dict[str, Any]:
+        if self.tokenize_unneeded:
+            return {"skipped": "the lm stage takes from_model's LM and align is off: nothing reads the tokens"}
         from kimia.data.manifest import read_conversations
         from kimia.encoders.semantic import load_semantic_tokenizer
         from kimia.lm.config import AudioLMConfig
@@ -893,9 +909,11 @@ def _seed_semantic(p: Any, out: Path) -> None:
     shutil.copy2(p.semantic_tokenizer / "config.json", out / "config.json")
 
 
-def _seed_lm(p: Any, out: Path, lora_start: Path) -> int:
-    """A model folder's LM as a native folder of unmerged fp32 weights (+ its other files); a delta LM's LoRA
-    factors go to `lora_start`. Returns the number of adapted layers (0: a whole LM folder, copied as is)."""
+def _seed_lm(p: Any, out: Path, lora_start: Path, merged: bool = False) -> int:
+    """A model folder's LM as a native folder of fp32 weights (+ its other files); a delta LM's LoRA factors go
+    to `lora_start`, and its adapted weights are left unmerged (the base the factors continue from) or, with
+    `merged`, hold base + update (the model as it runs). Returns the number of adapted layers (0: a whole LM
+    folder, copied as is)."""
     import shutil
 
     import torch
@@ -906,13 +924,15 @@ def _seed_lm(p: Any, out: Path, lora_start: Path) -> int:
     from kimia.checkpoints.smollm2 import delta_lm_state_dict
     from kimia.lm.model import AudioLM
     from kimia.train.common import copy_folder_files
-    from kimia.train.lora import save_lora_factors
+    from kimia.train.lora import merge_lora_state_dict, save_lora_factors
 
     if p.lm_delta is None:
         shutil.copytree(p.lm, out)
         return 0
     st = delta_lm_state_dict(p.lm_delta, p.root, f"from_model {p.root}")
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in st.state_dict.items()}
+    if merged and st.scales:
+        sd = merge_lora_state_dict({**sd, **st.lora}, st.scales)
     with torch.device("meta"):
         model = AudioLM(st.config, dtype=torch.float32)
     load_state_dict_strict(model, sd, source=st.source, ignore=IGNORED_KEYS, assign=True)
