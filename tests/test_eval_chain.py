@@ -149,3 +149,31 @@ def test_cli_writes_the_chain_and_refuses_manifests_without_answers(corpus, tmp_
         from kimia.eval.chain import chain_rows
 
         chain_rows([tmp_path / "missing.jsonl"])
+
+
+def test_two_chains_are_compared_answer_by_answer(tmp_path):
+    """compare_chains pairs the answers both runs measured (by index): per heard link the answers said with
+    fewer / more errors, per LM figure the better / worse rows, each with its sign test."""
+    from kimia.eval.chain import compare_chains, write_chain
+    from kimia.eval.report import sign_test
+
+    def run(name, dit, acc):
+        rows = [{"index": str(i), "text": "the cat sat on the mat", "original": "the cat sat on the mat",
+                 "vocoder": "the cat sat on the mat", "dit": h, "lm_accuracy": a, "lm_free_edit_rate": None}
+                for i, (h, a) in enumerate(zip(dit, acc))]
+        link = {"wer": 0.0, "errors": 0, "words": 6 * len(rows), "keys_heard": None}
+        result = {"rows": len(rows), "original": link, "vocoder": link, "dit": {**link, "wer": 50.0},
+                  "lm": {"accuracy": 50.0}, "lm_free": {"rows": 0, "edit_rate": None}}
+        return write_chain(result, rows, tmp_path / name).parent
+
+    base = run("base", ["the cat", "the cat sat", "the cat sat on the mat", "a dog"], [0.5, 0.5, 0.5, 0.5])
+    new = run("new", ["the cat sat on the mat", "the cat sat on the", "the cat", "a dog"], [0.6, 0.4, 0.7, 0.5])
+    md = compare_chains(base, new)
+    assert "on the 4 answers both chains measured" in md
+    assert f"| dit errors | 4 | 2 | 1 | 1 | {sign_test(2, 1):.3g} |" in md  # 4 -> 0 and 3 -> 1 better, 0 -> 4 worse
+    assert f"| original errors | 4 | 0 | 0 | 4 | {sign_test(0, 0):.3g} |" in md
+    assert f"| lm code accuracy | 4 | 2 | 1 | 1 | {sign_test(2, 1):.3g} |" in md  # higher accuracy is better
+    assert "lm free edit rate" not in md  # no row measured it
+    assert "| dit WER | 50.0 | 50.0 |" in md
+    with pytest.raises(ConfigError, match="not a speech chain run"):
+        compare_chains(base, tmp_path / "nowhere")

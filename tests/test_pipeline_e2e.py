@@ -213,7 +213,9 @@ def test_a_run_continues_an_assembled_folder_on_clip_length_features(run, tmp_pa
     assert Path(chain_old["run_dir"]) == cont / "eval" / "baseline" / "chain"
     assert chain_old["items"] == chain_new["items"]
     assert chain_old["value"]["original"] == chain_new["value"]["original"]
-    assert f"| wer | {chain_old['value']['wer']} | {chain_new['value']['wer']} |" in compare
+    assert f"| dit WER | {chain_old['value']['wer']} | {chain_new['value']['wer']} |" in compare
+    n = chain_new["items"]
+    assert f"| original errors | {n} | 0 | 0 | {n} |" in compare  # answer by answer: the same recordings
     for stage in ("vq", "lm_init", "dit", "vocoder"):
         assert not (cont / stage / "checkpoints").exists()
         assert json.loads((cont / stage / MARKER).read_text())["info"]["from_model"] == str(src)

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from kimia.errors import ConfigError
 
-__all__ = ["HEARD_LINKS", "chain_rows", "format_chain", "free_running", "measure_chain", "teacher_forced",
-           "write_chain"]
+__all__ = ["HEARD_LINKS", "chain_rows", "compare_chains", "format_chain", "free_running", "measure_chain",
+           "teacher_forced", "write_chain"]
 
 HEARD_LINKS = ("original", "vocoder", "dit")
 
@@ -231,3 +231,45 @@ def write_chain(result: dict[str, Any], transcripts: list[dict[str, Any]], out: 
         for t in transcripts:
             f.write(json.dumps(t, ensure_ascii=False) + "\n")
     return out / "chain.json"
+
+
+def compare_chains(base: str | Path, new: str | Path) -> str:
+    """Markdown: two `write_chain` folders run on the same answers (e.g. a candidate and the shipped model),
+    each link's figures side by side, then item by item on the answers both measured: for each heard link the
+    answers the new chain says with fewer / more errors, for the LM its teacher-forced code accuracy and its
+    free-running code edit rate, each with a two-sided sign test (ties left out)."""
+    from kimia.data.judge import said_errors
+    from kimia.eval.report import sign_test
+
+    runs, rows = [], []
+    for d in (Path(base), Path(new)):
+        if not (d / "chain.json").is_file() or not (d / "transcripts.jsonl").is_file():
+            raise ConfigError(f"{d} is not a speech chain run (chain.json + transcripts.jsonl)")
+        runs.append(json.loads((d / "chain.json").read_text()))
+        rows.append({str(t["index"]): t for t in map(json.loads, (d / "transcripts.jsonl").read_text().splitlines())})
+    old, cur = runs
+    md = ["| figure | baseline | new |", "|---|---|---|"]
+    for k in HEARD_LINKS:
+        md += [f"| {k} WER | {old[k]['wer']} | {cur[k]['wer']} |", f"| {k} keys heard % | {old[k]['keys_heard']} | "
+               f"{cur[k]['keys_heard']} |"]
+    md += [f"| lm code accuracy % | {old['lm']['accuracy']} | {cur['lm']['accuracy']} |",
+           f"| lm free-running code edit rate % ({old['lm_free']['rows']} / {cur['lm_free']['rows']} answers) | "
+           f"{old['lm_free']['edit_rate']} | {cur['lm_free']['edit_rate']} |"]
+    both = [i for i in rows[1] if i in rows[0]]
+    # per answer: (value in the baseline, value in the new chain, lower is better)
+    per: dict[str, list[tuple[float, float]]] = {}
+    for i in both:
+        a, b = rows[0][i], rows[1][i]
+        for k in HEARD_LINKS:
+            per.setdefault(f"{k} errors", []).append((said_errors(a["text"], a[k])[0], said_errors(b["text"], b[k])[0]))
+        for key, name, sign in (("lm_accuracy", "lm code accuracy", -1.0),
+                                ("lm_free_edit_rate", "lm free edit rate", 1.0)):
+            if a.get(key) is not None and b.get(key) is not None:
+                per.setdefault(name, []).append((sign * a[key], sign * b[key]))
+    md += ["", f"Item by item on the {len(both)} answers both chains measured (p: two-sided sign test, ties left out):",
+           "", "| figure | answers | better | worse | same | p |", "|---|---|---|---|---|---|"]
+    for name, pairs in per.items():
+        better, worse = sum(b < a for a, b in pairs), sum(b > a for a, b in pairs)
+        md.append(f"| {name} | {len(pairs)} | {better} | {worse} | {len(pairs) - better - worse} | "
+                  f"{sign_test(better, worse):.3g} |")
+    return "\n".join(md) + "\n"

@@ -214,7 +214,7 @@ class EvalStage:
     demo: bool = True  # one spoken question answered in text + speech -> <work>/eval/demo.wav
     seed: int = 0
     # a model folder (e.g. the shipped one) evaluated on the same items as the new model; <work>/eval/compare.md
-    # then pairs each task item by item (`kimia eval --compare`; chain: its figures side by side): the ship decision
+    # then pairs each task item by item (`kimia eval --compare`; chain: `compare_chains`): the ship decision
     baseline: str | None = None
 
 
@@ -828,10 +828,10 @@ class Pipeline:
         e, tasks, md = self.cfg.eval, {}, [f"# {self.model_dir} against the baseline {folder}", ""]
         for task, (manifest, limit) in sets.items():
             tasks[task] = run_task_eval(folder, task, manifest, limit, out / "baseline", e.max_new_tokens)
-            if task == "chain":  # link by link, each figure side by side (no per-item scores to pair yet)
-                old, new = tasks[task]["value"], info[task]["value"]
-                md += [f"## {task}", "", "| figure | baseline | new |", "|---|---|---|",
-                       *(f"| {k} | {old.get(k)} | {v} |" for k, v in new.items()), ""]
+            if task == "chain":  # each link's figures side by side, then answer by answer
+                from kimia.eval.chain import compare_chains
+
+                md += [f"## {task}", "", compare_chains(tasks[task]["run_dir"], info[task]["run_dir"])]
             else:
                 md += [f"## {task}", "", compare_runs([Path(tasks[task]["run_dir"]), Path(info[task]["run_dir"])])]
         (out / "compare.md").write_text("\n".join(md))
