@@ -124,6 +124,7 @@ def score_records(records: list[dict], recipe: Recipe, dataset: str = "", judge=
     elif metric in ("ref_qa", "key_qa", "token_f1", "judge_score"):
         verdicts = judge.score(records, recipe) if judge is not None and metric != "key_qa" else None
         allstats: dict[str, list[float]] = defaultdict(list)
+        scored: list[tuple[dict, float | None]] = []  # (record, its score) for the per-question figure
         for sub in subsets:
             for rec in by_subset[sub]:
                 if verdicts is not None:
@@ -138,12 +139,12 @@ def score_records(records: list[dict], recipe: Recipe, dataset: str = "", judge=
                     v = None  # an open-ended answer has no rule-based score: judge needed
                 details.append({"index": rec["index"], "subset": sub, "score": v})
                 allstats[sub].append(v)
+                scored.append((rec, v))
         for sub, vals in list(allstats.items()) + [(OVERALL, [v for vs in allstats.values() for v in vs])]:
             valid = [v for v in vals if v is not None]
             perf[sub] = {"total": len(vals), "invalid": len(vals) - len(valid),
                          "score": round(sum(valid) / len(valid), 2) if valid else None}
-        in_order = [rec for sub in subsets for rec in by_subset[sub]]  # the order `details` was written in
-        perf[OVERALL].update(question_score(in_order, [d["score"] for d in details]))
+        perf[OVERALL].update(question_score([r for r, _ in scored], [v for _, v in scored]))
         extras["judged"] = verdicts is not None
     else:  # pragma: no cover - Recipe validates the metric
         raise ConfigError(f"unknown metric {metric}")
