@@ -177,3 +177,9 @@ def test_two_chains_are_compared_answer_by_answer(tmp_path):
     assert "| dit WER | 50.0 | 50.0 |" in md
     with pytest.raises(ConfigError, match="not a speech chain run"):
         compare_chains(base, tmp_path / "nowhere")
+    # the same from the command line (two --chain output folders), written to --out
+    from kimia.eval.cli import main
+
+    assert main(["--compare", str(base), str(new), "--out", str(tmp_path / "c.md")]) == 0
+    assert (tmp_path / "c.md").read_text() == md
+    assert main(["--compare", str(base), str(new), str(new)]) == 2

@@ -2,7 +2,8 @@
 
     kimia eval --model PATH --data MANIFEST|DATASET|GROUP [--recipe R] [--batch N] [--work-dir DIR]
     kimia eval --compare RUN_DIR_OR_METRICS [...] [--out table.md]   (side by side; runs of one dataset are
-        also paired item by item with the first: how many items better / worse, and a sign test)
+        also paired item by item with the first: how many items better / worse, and a sign test; two --chain
+        output folders: each link side by side and answer by answer)
     kimia eval --build asterisk|pocketsphinx --out DIR
     kimia eval --chain MANIFEST [...] [--model PATH] [--limit N] [--out DIR]   (kimia.eval.chain: where the
         model's spoken answers lose their words, link by link, on a corpus' reference answers)
@@ -179,6 +180,17 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         if args.chain:
             return _chain(args)
         if args.compare:
+            if any((Path(r) / "chain.json").is_file() for r in args.compare):  # two `--chain` runs
+                from kimia.eval.chain import compare_chains
+
+                if len(args.compare) != 2:
+                    raise ConfigError(f"--compare of speech chain runs takes two folders (baseline, new), got "
+                                      f"{len(args.compare)}")
+                md = compare_chains(*args.compare)
+                if args.out:
+                    Path(args.out).write_text(md, encoding="utf-8")
+                print(md, end="")
+                return 0
             from kimia.eval.report import compare_runs
             png = Path(args.out).with_suffix(".png") if args.out else None
             print(compare_runs(args.compare, args.out, png), end="")
