@@ -125,6 +125,16 @@ def test_spoken_answers_are_heard_by_an_independent_recognizer(tmp_path):
         if p["audio_s"]:
             wav, sr = sf.read(p["audio_path"])
             assert sr == 24000 and abs(wav.size / sr - p["audio_s"]) < 1e-3
+    # sampled speech (audio temperature 0.8) is seeded per item: a second run says exactly the same
+    again = tmp_path / "again"
+    run_dataset(man, pred, recipe, again, batch_size=1, progress=False)
+    for rec in merged:
+        a = parse_spoken(rec["prediction"])
+        b = parse_spoken(next(json.loads(x)["prediction"] for x in (again / "predictions.jsonl").read_text()
+                              .splitlines() if json.loads(x)["index"] == rec["index"]))
+        assert a["text"] == b["text"] and a["audio_s"] == b["audio_s"]
+        if a["audio_s"]:
+            assert sf.read(a["audio_path"])[0].tolist() == sf.read(b["audio_path"])[0].tolist()
     result = score_run(run, dataset="qa", model="tiny-random", plots=False)
     overall = result["performance"]["overall"]
     assert overall["utterances"] == 2 and {"wer", "key_in_text", "key_in_speech", "rtf",

@@ -76,6 +76,8 @@ def _stop_hearer() -> None:
 def speak_batch(model: Any, items: Sequence[Any], recipe: Any, audio_dir: Path) -> list[str]:
     """One JSON prediction string per item (see the module docstring); items are answered one by one so
     that latency and real-time factor are those of a single user."""
+    import zlib
+
     import soxr
 
     from kimia.api import AudioPiece, StreamEnd
@@ -87,7 +89,10 @@ def speak_batch(model: Any, items: Sequence[Any], recipe: Any, audio_dir: Path) 
         messages = recipe.messages(it.question, [str(p) for p in it.audio_paths], it.prompt_fields)
         t0 = time.perf_counter()
         first, wav, text = None, None, ""
-        for ev in model.generate_stream(messages, **{**recipe.sampling, "output_type": "both"}):
+        # one seed per item (from its index): sampled speech is the same in every run, and two models compared
+        # on the same items draw with the same seeds
+        seed = zlib.crc32(str(it.index).encode())
+        for ev in model.generate_stream(messages, **{"seed": seed, **recipe.sampling, "output_type": "both"}):
             if isinstance(ev, AudioPiece) and first is None and ev.pcm.numel():
                 first = time.perf_counter() - t0
             elif isinstance(ev, StreamEnd):
