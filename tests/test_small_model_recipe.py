@@ -224,6 +224,19 @@ def test_text_qa_records_are_train_split_text_conversations():
     assert text_qa_records(300, seed=1, eval_fraction=0.0) != recs
 
 
+def _shipped_lora_folder(fake, tmp_path):
+    """(root, lm entry) of a shipped-style folder: `_lora_export`'s LM stored as an fp16 delta with LoRA factors."""
+    from kimia.train.assemble import write_lm_delta
+
+    export = _lora_export(fake, tmp_path)
+    doc = json.loads((export / "config.json").read_text())
+    doc["kimia_init"]["package"] = FAKE_PACKAGE
+    (export / "config.json").write_text(json.dumps(doc))
+    root = tmp_path / "shipped"
+    root.mkdir()
+    return root, write_lm_delta(export, root, "lm", dtype="float16")
+
+
 def test_continued_adapters_start_where_the_folder_stopped_and_ship_as_factors_again(fake_base, tmp_path):
     """A shipped folder (fp16 delta with LoRA factors), continued the pipeline's way: its LM is rebuilt with
     the trunk unmerged (exactly the packaged base) and its factors as the next run's `lora.init`. The run starts
@@ -234,13 +247,7 @@ def test_continued_adapters_start_where_the_folder_stopped_and_ship_as_factors_a
     from kimia.train.lora import merge_lora_state_dict
     from kimia.train.pipeline import _seed_lm
 
-    export = _lora_export(fake_base, tmp_path)
-    doc = json.loads((export / "config.json").read_text())
-    doc["kimia_init"]["package"] = FAKE_PACKAGE
-    (export / "config.json").write_text(json.dumps(doc))
-    root = tmp_path / "shipped"
-    root.mkdir()
-    entry = write_lm_delta(export, root, "lm", dtype="float16")
+    root, entry = _shipped_lora_folder(fake_base, tmp_path)
     start, lora_start = tmp_path / "lm_init", tmp_path / "lora_start.safetensors"
     n = _seed_lm(SimpleNamespace(lm_delta=entry, root=root, lm=root / "lm"), start, lora_start)
     assert n == 6 and lora_start.is_file()
@@ -297,13 +304,7 @@ def test_a_folders_lm_taken_as_it_is_ships_the_same_delta_again(fake_base, tmp_p
     from kimia.train.lm import LORA_FILE
     from kimia.train.pipeline import _seed_lm
 
-    export = _lora_export(fake_base, tmp_path)
-    doc = json.loads((export / "config.json").read_text())
-    doc["kimia_init"]["package"] = FAKE_PACKAGE
-    (export / "config.json").write_text(json.dumps(doc))
-    root = tmp_path / "shipped"
-    root.mkdir()
-    entry = write_lm_delta(export, root, "lm", dtype="float16")
+    root, entry = _shipped_lora_folder(fake_base, tmp_path)
     out = tmp_path / "lm_export"
     assert _seed_lm(SimpleNamespace(lm_delta=entry, root=root, lm=root / "lm"), out, out / LORA_FILE, merged=True) == 6
     shipped, _ = load_delta_lm(entry, root, dtype=torch.float32)
