@@ -311,14 +311,17 @@ class KimiAudio:
                 out.append(int(t))
         return self.tokenizer.decode(out)
 
-    def detokenize_audio(self, audio_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Raw semantic ids -> waveform [1, S] float32 at 24 kHz (the release's 30-token chunk schedule)."""
+    def detokenize_audio(self, audio_ids: Sequence[int] | torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """Raw semantic ids -> waveform [1, S] float32 at 24 kHz (the release's 30-token chunk schedule).
+        `seed`: the DiT noise of this call alone, drawn as `generate(..., seed=seed)` draws an answer's (same
+        ids, same seed: the same waveform); None: the detokenizer's own generator (or torch's global one)."""
         if self.detokenizer is None:
             raise ConfigError("this KimiAudio was created with load_detokenizer=False: no audio synthesis")
         ids = torch.as_tensor(audio_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             return torch.zeros(1, 0)
-        return self.detokenizer.detokenize(ids[None]).float().cpu()
+        d = self.detokenizer if seed is None else self._row_detokenizer(self._seed(seed), None)
+        return d.detokenize(ids[None]).float().cpu()
 
     # ------------------------------------------------------------------ the one streaming loop
     def _stream(self, conversations: Sequence[Sequence[dict]], output_type: str, *, seed: int | None,

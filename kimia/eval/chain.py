@@ -7,7 +7,8 @@ spoken_qa / dialogue / speak tasks) and measures what each link keeps:
 
 - `original`:  the recording itself, heard by the judge (the ceiling: the judge's own errors on that voice);
 - `vocoder`:   the recording's 24 kHz mel through the folder's vocoder (copy synthesis);
-- `dit`:       the recording's semantic codes (the folder's tokenizer) through the DiT and the vocoder;
+- `dit`:       the recording's semantic codes (the folder's tokenizer) through the DiT and the vocoder, the DiT's
+               noise seeded from the row's index (the same draw in every run and for every model compared);
 - `lm`:        teacher-forced, the LLM's audio head on the answer's codes given the conversation so far (the
                question, audio or text, and the answer's own text): accuracy of its most likely code and the
                mean cross-entropy, the quantities its training minimised. Rows with an earlier history
@@ -151,6 +152,8 @@ def measure_chain(model: Any, rows: Sequence[dict[str, Any]], judge: Any = None,
         from kimia.eval.speech import _judge
 
         judge = _judge()
+    from kimia.eval.speech import item_seed
+
     d = model.detokenizer
     vdtype = next(d.vocoder.parameters()).dtype
 
@@ -168,7 +171,8 @@ def measure_chain(model: Any, rows: Sequence[dict[str, Any]], judge: Any = None,
         with torch.no_grad():
             voc = d.vocoder(mel_frames(w24).T[None].to(model.device, vdtype))
             ids = model.parts.semantic_tokenizer.tokenize(w16).reshape(-1).long()
-        heard = {"original": hear(w24), "vocoder": hear(voc), "dit": hear(model.detokenize_audio(ids))}
+        dit = model.detokenize_audio(ids, seed=item_seed(row["index"]))  # every model, every run: the same noise
+        heard = {"original": hear(w24), "vocoder": hear(voc), "dit": hear(dit)}
         key = f" {normalize_text(row['key'])} " if row["key"] else ""
         for k, h in heard.items():
             errors[k].append(said_errors(row["text"], h)[:2])

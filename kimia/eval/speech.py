@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +74,15 @@ def _stop_hearer() -> None:
         _HEARER = None
 
 
+def item_seed(index: Any) -> int:
+    """The sampling / noise seed of an eval item, from its index: the same draw in every run, and two models
+    compared on the same items draw with the same seeds."""
+    return zlib.crc32(str(index).encode())
+
+
 def speak_batch(model: Any, items: Sequence[Any], recipe: Any, audio_dir: Path) -> list[str]:
     """One JSON prediction string per item (see the module docstring); items are answered one by one so
     that latency and real-time factor are those of a single user."""
-    import zlib
-
     import soxr
 
     from kimia.api import AudioPiece, StreamEnd
@@ -89,9 +94,7 @@ def speak_batch(model: Any, items: Sequence[Any], recipe: Any, audio_dir: Path) 
         messages = recipe.messages(it.question, [str(p) for p in it.audio_paths], it.prompt_fields)
         t0 = time.perf_counter()
         first, wav, text = None, None, ""
-        # one seed per item (from its index): sampled speech is the same in every run, and two models compared
-        # on the same items draw with the same seeds
-        seed = zlib.crc32(str(it.index).encode())
+        seed = item_seed(it.index)
         for ev in model.generate_stream(messages, **{"seed": seed, **recipe.sampling, "output_type": "both"}):
             if isinstance(ev, AudioPiece) and first is None and ev.pcm.numel():
                 first = time.perf_counter() - t0
