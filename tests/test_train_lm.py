@@ -343,6 +343,33 @@ def test_truncation_never_cuts_an_audio_span():
     assert truncate_prompt(pb, len(pb)) is pb
 
 
+def test_kept_adapters_and_frozen_groups_retrain_only_the_audio_branch(tmp_path):
+    """lora.train=false with every other group frozen: the audio branch alone learns and the text path (its
+    logits) is exactly what it was, adapters included."""
+    cfg = tiny_cfg(tmp_path, "train.steps=3", "lora.enabled=true", "lora.r=4", "lora.freeze_base=false",
+                   "lora.train=false", "freeze=[embeddings,trunk,text_tail,adaptor]", "freeze_embedding_rows_below=0",
+                   "lora.targets=['*.self_attn.q_proj','*.mlp.down_proj']")
+    recipe = LMRecipe(cfg)
+    trainer = Trainer(recipe, cfg.train, cfg.optim, full_config=cfg)
+    model = trainer.raw_model
+    with torch.no_grad():  # adapters that change the trunk, as a continued model's do
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    batch = recipe.collate([trainer.data[0], trainer.data[1]])
+    args, kw = (batch.audio_ids, batch.text_ids, batch.positions), dict(continuous=batch.continuous,
+                                                                       continuous_mask=batch.continuous_mask)
+    before = params(model)
+    with torch.no_grad():
+        text0 = model.eval()(*args, **kw).text_logits
+    trainer.fit()
+    after = params(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith(("model.mimo_layers.", "model.mimo_norm.", "mimo_output.")) for n in changed)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(*args, **kw).text_logits, text0)
+
+
 def test_lora_without_freeze_base_keeps_other_params_trainable():
     from kimia.lm.config import AudioLMConfig
     from kimia.lm.model import AudioLM

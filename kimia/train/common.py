@@ -425,6 +425,7 @@ class Trainer:
         lrs = {}
         for p_i, phase in enumerate(self.recipe.phases):
             opt = self.optimizers[phase]
+            params = [p for g in opt.param_groups for p in g["params"]]
             for k, batch in enumerate(batches):
                 last = k == cfg.grad_accum - 1
                 if self.parallel == "fsdp" and last:
@@ -433,6 +434,10 @@ class Trainer:
                     with self._autocast():
                         out = self.recipe.loss(self.model, batch, phase)
                     loss = out.loss / cfg.grad_accum
+                    if not loss.requires_grad:  # nothing that trains is reached by this micro-batch (e.g. only
+                        # the audio branch trains and no item has speech): zero gradients, through the graph
+                        # so that DDP still reduces them
+                        loss = loss + 0.0 * sum(p.sum() for p in params)
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                 stats[2 + p_i] += float(out.loss.detach()) / cfg.grad_accum
                 if p_i == 0:
@@ -440,7 +445,6 @@ class Trainer:
                     stats[1] += cfg.micro_batch
                 for name, v in out.metrics.items():
                     metrics[name] = metrics.get(name, 0.0) + float(v) / cfg.grad_accum
-            params = [p for g in opt.param_groups for p in g["params"]]
             for p in params:  # a branch a micro-batch skipped had zero gradient (what DDP/FSDP reduce it to):
                 if p.grad is None:  # its step (weight decay, moments) must not depend on the skipping
                     p.grad = torch.zeros_like(p)

@@ -37,7 +37,7 @@ from kimia.lm.model import AudioLM, LMOutput
 from kimia.train.common import LossOutput, Recipe, copy_folder_files
 from kimia.train.config import OptimConfig, TrainConfig, to_dict
 from kimia.train.data import LMBatch, collate_lm
-from kimia.train.lora import apply_lora, load_lora_factors, lora_scales, merge_lora_state_dict
+from kimia.train.lora import LORA_KEYS, apply_lora, load_lora_factors, lora_scales, merge_lora_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class LoRASpec:
     # lm_init/lora_start.safetensors of a model folder it continues) instead of fresh ones; the init folder's
     # weights must then be the unmerged base they apply to. None: fresh adapters (B = 0)
     init: str | None = None
+    train: bool = True  # False: the adapters (fresh or `init`'s) stay as they are, e.g. to retrain only the audio
+    # branch on an earlier model's trunk (with `freeze` of every other group): its text answers stay the same
 
 
 @dataclass
@@ -207,6 +209,10 @@ class LMRecipe(Recipe):
             self._scales = lora_scales(model)
             if lora.init:
                 load_lora_factors(model, lora.init)
+            if not lora.train:
+                for n, p in model.named_parameters():
+                    if n.rsplit(".", 1)[-1] in LORA_KEYS:
+                        p.requires_grad_(False)
         if self.cfg.freeze_embedding_rows_below > 0:
             w = model.model.embed_tokens.weight
             if w.requires_grad:
