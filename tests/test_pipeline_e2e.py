@@ -271,7 +271,7 @@ def test_a_run_that_keeps_the_folders_lm_trains_only_what_is_not_taken(run, tmp_
 
 
 def test_an_option_added_later_leaves_finished_stages_finished_while_off(run):
-    """The DiT's token_noise and the corpus's text_sources came after runs were made: off, the stage's
+    """The DiT's token_noise, the corpus's text_sources, lm's lora.train came after runs were made: off, the stage's
     fingerprint has no trace of them (a finished stage stays finished); on, it is a different stage."""
     from kimia.train.pipeline import _fingerprint
 
@@ -290,6 +290,10 @@ def test_an_option_added_later_leaves_finished_stages_finished_while_off(run):
     assert _fingerprint(corpus) == json.loads((work / "corpus" / MARKER).read_text())["fingerprint"]
     wide = Pipeline(load_pipeline_config(TINY, [f"work_dir={work}", "corpus.text_sources=[fortune,wordnet]"]))
     assert wide.stage_settings("corpus")["text_sources"] == ["fortune", "wordnet"]
+    # the lm recipe's lora.train likewise: true (adapters train, as before the option) leaves no trace
+    lm = Pipeline(load_pipeline_config(TINY, [f"work_dir={work}"])).stage_settings("lm")
+    assert "train" not in lm["lora"] and "r" in lm["lora"]
+    assert _fingerprint(lm) == json.loads((work / "lm" / MARKER).read_text())["fingerprint"]
     # eval.baseline likewise: unset, the finished eval stays finished; a baseline that is no model folder (or
     # an eval task that does not exist) is refused when the config loads, not after hours of training
     assert Pipeline(load_pipeline_config(TINY, [f"work_dir={work}"])).run(["eval"])[0].status == "skipped"

@@ -95,6 +95,7 @@ ADDED_OFF: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
     "dit": {"data": ({"token_noise": 0.0}, ("token_noise_neighbours",))},
     "corpus": {"": ({"text_sources": ["fortune"]}, ())},
     "eval": {"": ({"baseline": None}, ())},
+    "lm": {"lora": ({"train": True}, ())},
 }
 # the shipped model's floors (issue 6) shown beside each figure of the model card: (lower is better, bound)
 EVAL_FLOORS: dict[str, tuple[bool, float]] = {"asterisk": (True, 25.0), "asr": (True, 10.0), "spoken_qa": (False, 90.0),
