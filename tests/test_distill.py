@@ -19,11 +19,15 @@ from tests.tiny_model import write_tiny_model
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
+def teacher_folder(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("teacher") / "model")
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_folder):
     from kimia.api import KimiAudio
 
-    return KimiAudio(write_tiny_model(tmp_path_factory.mktemp("teacher") / "model"), load_detokenizer=False,
-                     device="cpu")
+    return KimiAudio(teacher_folder, load_detokenizer=False, device="cpu")
 
 
 def _corpus(root: Path) -> Path:
@@ -77,16 +81,14 @@ def test_distill_answers_each_rows_words_as_the_teacher_does_and_resumes(teacher
     assert out.read_text() == before
 
 
-def test_distill_cli_and_errors(teacher, tmp_path):
+def test_distill_cli_and_errors(teacher, teacher_folder, tmp_path):
     from kimia.train.cli import main
     from kimia.train.distill import distill, distill_rows
 
     man = _corpus(tmp_path / "corpus")
     out = tmp_path / "d.jsonl"
-    folder = tmp_path / "model"
-    write_tiny_model(folder)
-    assert main(["distill", "--teacher", str(folder), "--manifests", str(man), "--out", str(out), "--limit", "2",
-                 "--device", "cpu", "--max-new-tokens", "8"]) == 0
+    assert main(["distill", "--teacher", str(teacher_folder), "--manifests", str(man), "--out", str(out),
+                 "--limit", "2", "--device", "cpu", "--max-new-tokens", "8"]) == 0
     assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == ["asr-1", "asr-2"]
     with pytest.raises(ConfigError, match="no nope row"):
         distill_rows([man], split="nope")

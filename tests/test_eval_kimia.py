@@ -128,10 +128,10 @@ def test_spoken_answers_are_heard_by_an_independent_recognizer(tmp_path):
     # sampled speech (audio temperature 0.8) is seeded per item: a second run says exactly the same
     again = tmp_path / "again"
     run_dataset(man, pred, recipe, again, batch_size=1, progress=False)
+    lines = (again / "predictions.jsonl").read_text().splitlines()
+    second = {r["index"]: r["prediction"] for r in map(json.loads, lines)}
     for rec in merged:
-        a = parse_spoken(rec["prediction"])
-        b = parse_spoken(next(json.loads(x)["prediction"] for x in (again / "predictions.jsonl").read_text()
-                              .splitlines() if json.loads(x)["index"] == rec["index"]))
+        a, b = parse_spoken(rec["prediction"]), parse_spoken(second[rec["index"]])
         assert a["text"] == b["text"] and a["audio_s"] == b["audio_s"]
         if a["audio_s"]:
             assert sf.read(a["audio_path"])[0].tolist() == sf.read(b["audio_path"])[0].tolist()

@@ -148,12 +148,10 @@ def measure_chain(model: Any, rows: Sequence[dict[str, Any]], judge: Any = None,
 
     if model.detokenizer is None:
         raise ConfigError("the speech chain needs the model's detokenizer (load_detokenizer=True)")
+    from kimia.eval.speech import _judge, item_seed
+
     if judge is None:
-        from kimia.eval.speech import _judge
-
         judge = _judge()
-    from kimia.eval.speech import item_seed
-
     d = model.detokenizer
     vdtype = next(d.vocoder.parameters()).dtype
 

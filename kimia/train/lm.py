@@ -37,7 +37,7 @@ from kimia.lm.model import AudioLM, LMOutput
 from kimia.train.common import LossOutput, Recipe, copy_folder_files
 from kimia.train.config import OptimConfig, TrainConfig, to_dict
 from kimia.train.data import LMBatch, collate_lm
-from kimia.train.lora import LORA_KEYS, apply_lora, load_lora_factors, lora_scales, merge_lora_state_dict
+from kimia.train.lora import apply_lora, load_lora_factors, lora_scales, lora_state_dict, merge_lora_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +210,8 @@ class LMRecipe(Recipe):
             if lora.init:
                 load_lora_factors(model, lora.init)
             if not lora.train:
-                for n, p in model.named_parameters():
-                    if n.rsplit(".", 1)[-1] in LORA_KEYS:
-                        p.requires_grad_(False)
+                for n in lora_state_dict(model):
+                    model.get_parameter(n).requires_grad_(False)
         if self.cfg.freeze_embedding_rows_below > 0:
             w = model.model.embed_tokens.weight
             if w.requires_grad:
