@@ -294,6 +294,10 @@ def test_an_option_added_later_leaves_finished_stages_finished_while_off(run):
     lm = Pipeline(load_pipeline_config(TINY, [f"work_dir={work}"])).stage_settings("lm")
     assert "train" not in lm["lora"] and "r" in lm["lora"]
     assert _fingerprint(lm) == json.loads((work / "lm" / MARKER).read_text())["fingerprint"]
+    # tokenize.extra likewise: no extra conversation files leave no trace
+    tok = Pipeline(load_pipeline_config(TINY, [f"work_dir={work}"])).stage_settings("tokenize")
+    assert "extra" not in tok
+    assert _fingerprint(tok) == json.loads((work / "tokenize" / MARKER).read_text())["fingerprint"]
     # eval.baseline likewise: unset, the finished eval stays finished; a baseline that is no model folder (or
     # an eval task that does not exist) is refused when the config loads, not after hours of training
     assert Pipeline(load_pipeline_config(TINY, [f"work_dir={work}"])).run(["eval"])[0].status == "skipped"
@@ -344,3 +348,45 @@ def test_a_grown_corpus_reuses_the_earlier_pipelines_items_and_caches(run, tmp_p
     assert inodes(tmp_path / "mid" / "tokenize" / "features") < inodes(tmp_path / "other" / "tokenize" / "features")
     with pytest.raises(ConfigError, match="reuse_from"):
         pipeline("bad", f"corpus.reuse_from={tmp_path / 'nowhere'}").run(["corpus"])
+
+
+def test_extra_conversation_files_join_the_tokenized_train_split(run, tmp_path):
+    """tokenize.extra (e.g. `kimia train distill` output): its records are tokenized after the corpus' own, each
+    audio turn given the VQ's ids; what the file says is part of the stage's fingerprint (a file rewritten after
+    the stage finished is refused, a moved one is not); a missing file is a ConfigError naming it."""
+    from kimia.data.manifest import read_conversations
+
+    work, _ = run
+    own = read_conversations(work / "corpus" / "finetune" / "train.jsonl")
+    clip = next(m["content"] for r in own for m in r["conversation"] if m["message_type"] == "audio")
+    extra = tmp_path / "distill.jsonl"
+
+    def write(answer):
+        conv = [{"role": "user", "message_type": "audio", "content": clip},
+                {"role": "assistant", "message_type": "text", "content": answer}]
+        extra.write_text(json.dumps({"task": "distill", "task_type": "understanding", "index": "d-1",
+                                     "conversation": conv}) + "\n")
+
+    def pipeline(path):
+        return Pipeline(load_pipeline_config(TINY, [
+            f"work_dir={tmp_path / 'x'}", f"corpus.path={work / 'corpus'}",
+            f"from_model.folder={work / 'assemble' / 'model'}", "from_model.stages=[vq,lm_init]",
+            f"tokenize.extra=[{path}]", "tokenize.features=false"]))
+
+    write("A teacher's answer.")
+    pipeline(extra).run(["corpus", "whisper", "vq", "lm_init", "tokenize"])
+    out = [json.loads(line) for line in (tmp_path / "x" / "tokenize" / "train.jsonl").read_text().splitlines()]
+    kept = json.loads((tmp_path / "x" / "tokenize" / MARKER).read_text())["info"]["train"]["kept"]
+    assert len(out) == kept and out[-1]["task"] == "distill" and sum(r["task"] == "distill" for r in out) == 1
+    user, answer = out[-1]["conversation"]
+    assert answer["content"] == "A teacher's answer."
+    same = [m["audio_tokens"] for r in out[:-1] for m in r["conversation"] if m.get("content") == clip]
+    assert same and user["audio_tokens"] == same[0]  # the corpus record of the same clip got the same ids
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(extra, moved)
+    assert pipeline(moved).run(["tokenize"])[0].status == "skipped"
+    write("Another answer.")
+    with pytest.raises(ConfigError, match="tokenize.*--force tokenize"):
+        pipeline(extra).run(["tokenize"])
+    with pytest.raises(ConfigError, match=r"tokenize.extra: no such conversation file.*nowhere.jsonl"):
+        pipeline(tmp_path / "nowhere.jsonl").run(["tokenize"])

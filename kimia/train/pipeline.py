@@ -11,7 +11,8 @@
             4 x the Whisper width
   tokenize  the finetune conversations with every audio message's semantic ids from the trained VQ
             (`audio_tokens`), records whose prompt cannot be built (e.g. an answer longer than its audio
-            allows) dropped and counted; optionally the Whisper features precomputed into the LM's cache
+            allows) dropped and counted; `tokenize.extra`'s conversation files (e.g. distill output) join
+            the train split; optionally the Whisper features precomputed into the LM's cache
   align     `kimia train align`: the adaptor (and audio embedding rows) pre-aligned by CTC through the LLM's
             frozen text embedding, on the corpus' transcribed speech (reuses tokenize's caches); skipped
             when `align.config` is null
@@ -58,6 +59,7 @@ from typing import Any
 
 import yaml
 
+from kimia.checkpoints.common import sha256_file
 from kimia.data.texts import DEFAULT_TEXT_SOURCES
 from kimia.errors import ConfigError, KimiaError
 from kimia.train.assemble import folder_tokenizer, write_random_lm, write_random_whisper
@@ -96,6 +98,7 @@ ADDED_OFF: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
     "corpus": {"": ({"text_sources": ["fortune"]}, ())},
     "eval": {"": ({"baseline": None}, ())},
     "lm": {"lora": ({"train": True}, ())},
+    "tokenize": {"": ({"extra": []}, ())},
 }
 # the shipped model's floors (issue 6) shown beside each figure of the model card: (lower is better, bound)
 EVAL_FLOORS: dict[str, tuple[bool, float]] = {"asterisk": (True, 25.0), "asr": (True, 10.0), "spoken_qa": (False, 90.0),
@@ -193,6 +196,9 @@ class LMInitStage:
 class TokenizeStage:
     splits: list[str] = field(default_factory=lambda: ["train"])
     features: bool = True  # precompute the frozen Whisper features into <work>/tokenize/features
+    # conversation jsonl files (e.g. `kimia train distill` output) tokenized after the corpus' own train
+    # conversations and trained on with them; their contents are part of the stage's fingerprint
+    extra: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -342,6 +348,15 @@ class Pipeline:
         return self.seeded("lm") and not self.cfg.align.config
 
     @property
+    def extra_conversations(self) -> list[Path]:
+        """`tokenize.extra`'s files, each checked to exist."""
+        paths = [Path(p) for p in self.cfg.tokenize.extra]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ConfigError(f"tokenize.extra: no such conversation file(s) {missing}")
+        return paths
+
+    @property
     def lora_start(self) -> Path:
         return self.dir("lm_init") / "lora_start.safetensors"
 
@@ -388,6 +403,10 @@ class Pipeline:
         if stage == "corpus":
             d = to_dict(self.cfg.corpus)
             d.pop("reuse_from", None)  # a shortcut to the same files
+            return _without_added_off(stage, d)
+        if stage == "tokenize":
+            d = to_dict(self.cfg.tokenize)
+            d["extra"] = [sha256_file(p) for p in self.extra_conversations]  # what they say, not where they lie
             return _without_added_off(stage, d)
         return to_dict(getattr(self.cfg, stage))
 
@@ -712,8 +731,10 @@ class Pipeline:
             src = self.corpus / "finetune" / f"{split}.jsonl"
             if not src.is_file():
                 raise ConfigError(f"corpus has no {src}")
+            sources = [src, *(self.extra_conversations if split == "train" else [])]
+            records = [(f, n, rec) for f in sources for n, rec in enumerate(read_conversations(f))]  # paths absolute
             kept, dropped = [], []
-            for n, rec in enumerate(read_conversations(src)):  # audio paths made absolute
+            for f, n, rec in records:
                 try:
                     for m in rec["conversation"]:
                         kind, c = m.get("message_type"), m.get("content")
@@ -724,7 +745,7 @@ class Pipeline:
                     builder.build([dict(m) for m in rec["conversation"]], add_assistant_start=False, speech_targets=True,
                                   output_type=output_type_of(rec.get("task_type")))
                 except KimiaError as e:
-                    dropped.append({"line": n + 1, "reason": str(e)[:200]})
+                    dropped.append({"file": f.name, "line": n + 1, "reason": str(e)[:200]})
                     continue
                 kept.append(rec)
             tmp = out_dir / f"{split}.jsonl.tmp"
