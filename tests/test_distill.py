@@ -90,6 +90,21 @@ def test_distill_cli_and_errors(teacher, teacher_folder, tmp_path):
     assert main(["distill", "--teacher", str(teacher_folder), "--manifests", str(man), "--out", str(out),
                  "--limit", "2", "--device", "cpu", "--max-new-tokens", "8"]) == 0
     assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == ["asr-1", "asr-2"]
+    # --teacher-lm: another LM folder answers (the folder's Whisper / tokenizers stay)
+    other = write_tiny_model(tmp_path / "other", seed=7, detokenizer=False)
+    swapped = tmp_path / "swapped.jsonl"
+    assert main(["distill", "--teacher", str(teacher_folder), "--teacher-lm", str(other / "lm"), "--manifests",
+                 str(man), "--out", str(swapped), "--device", "cpu", "--max-new-tokens", "8"]) == 0
+    from kimia.api import KimiAudio
+
+    lm = KimiAudio(other, load_detokenizer=False, device="cpu")
+    recs = [json.loads(x) for x in swapped.read_text().splitlines()]
+    got = {r["index"]: r["conversation"][1]["content"] for r in recs}
+    said = {r["index"]: lm.generate([{"role": "user", "message_type": "text", "content": r["audio_content"]}],
+                                    output_type="text", max_new_tokens=8)[1].strip() for r in distill_rows([man])}
+    assert got == {k: v for k, v in said.items() if v}  # an empty answer makes no record
+    first = {json.loads(x)["index"]: json.loads(x)["conversation"][1]["content"] for x in out.read_text().splitlines()}
+    assert any(got.get(k) != v for k, v in first.items())  # not the teacher folder's own LM
     with pytest.raises(ConfigError, match="no nope row"):
         distill_rows([man], split="nope")
     out.write_text("not json\n")
