@@ -114,14 +114,49 @@ def test_a_missing_wordnet_is_named_with_its_package(tmp_path, monkeypatch):
     from kimia.errors import ConfigError
 
     monkeypatch.setattr(texts, "WORDNET_DIRS", (str(tmp_path / "no-wordnet"),))
-    for f in (texts.wordnet_sentences, texts.sentence_pool):
+    cached = (texts.wordnet_sentences, texts.sentence_pool, texts.wordnet_meanings)
+    for f in cached:
         f.cache_clear()
     try:
         with pytest.raises(ConfigError, match="wordnet-base"):
             SynthConfig(out=tmp_path, hours=0.1, engines=("espeak",), text_sources=("fortune", "wordnet"))
+        with pytest.raises(ConfigError, match="meaning task needs WordNet.*wordnet-base"):
+            SynthConfig(out=tmp_path, hours=0.1, engines=("espeak",), tasks=("asr", "meaning"))
     finally:
-        for f in (texts.wordnet_sentences, texts.sentence_pool):
+        for f in cached:
             f.cache_clear()  # the next caller reads the real WordNet again
+
+
+def test_meaning_task_asks_what_common_words_mean(tmp_path):
+    """The meaning task: a spoken question about a common WordNet noun, answered in text by the definition of
+    its most frequent sense; split by the word; its manifest rows are what `kimia train distill` reads."""
+    from kimia.data.texts import wordnet_meanings
+    from kimia.train.distill import distill_rows
+
+    meanings = dict(wordnet_meanings())
+    assert len(meanings) > 1500 and all(w.isalpha() and w.islower() for w in meanings)
+    assert "medical" in meanings["doctor"] and "hair" in meanings["beard"]  # the first sense's definition
+    assert "rare" not in meanings  # adjectives are not asked about; "zygote" is too rare to be kept
+    assert "zygote" not in meanings
+    out_voice = resolve_output_voice("espeak:en-us+m3", ["espeak"])
+    items = [make_item("meaning", k, 0, ["espeak"], out_voice, 0.3) for k in range(60)]
+    split = {}
+    for it in items:
+        (clip,) = it["clips"]
+        word = it["key"]
+        assert clip["kind"] == "input" and word in clip["text"].rstrip("?.").split()
+        assert it["answer"] == f"{word.capitalize()} means {meanings[word]}."
+        assert split.setdefault(word, it["split"]) == it["split"] == split_of(word, 0.3)
+    assert {"train", "eval"} == {it["split"] for it in items}
+    cfg = SynthConfig(out=tmp_path / "c", hours=TINY_HOURS, seed=1, jobs=1, engines=("espeak",), judge=False,
+                      progress=False, tasks=("meaning",), eval_fraction=0.0)
+    build_corpus(cfg)
+    conv = read_conversations(tmp_path / "c" / "finetune" / "train.jsonl")
+    assert conv and all([m["message_type"] for m in c["conversation"]] == ["audio", "text"] for c in conv)
+    rows = distill_rows([tmp_path / "c" / "manifests" / "meaning_train.jsonl"])
+    assert len(rows) == len(conv)
+    assert [c["conversation"][1]["content"] for c in conv] == [r["answer"] for r in rows]
+    assert all(r["audio_content"] != r["answer"] and r["key"] in r["audio_content"] for r in rows)
 
 
 def test_split_is_by_sentence():

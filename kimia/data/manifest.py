@@ -204,6 +204,9 @@ def conversation_record(rec: dict) -> dict:
         return {"task_type": "speech2speech", "task": rec["task"],
                 "conversation": [user_text(rec["question"]),
                                  assistant_audio_text(_from_manifest_dir(clips["a0"]["path"]), clips["a0"]["text"])]}
+    if rec["task"] == "meaning":  # a spoken question, answered in text
+        return {"task_type": "understanding", "task": rec["task"],
+                "conversation": [user_audio(_from_manifest_dir(clips["u0"]["path"])), assistant_text(rec["answer"])]}
     return {"task_type": "understanding", "task": rec["task"],
             "conversation": [user_text(rec["question"]), user_audio(_from_manifest_dir(clips["u0"]["path"])),
                              assistant_text(rec["answer"])]}

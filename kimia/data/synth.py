@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("asr", "spoken_qa", "dialogue", "style", "sound")  # the default set (`tasks` left empty)
 # opt-in tasks: adding one to the default set would re-share the hours of every existing corpus config
-EXTRA_TASKS = ("speak",)
+EXTRA_TASKS = ("speak", "meaning")
 ALL_TASKS = TASKS + EXTRA_TASKS
 INPUT_SR = 16000
 TARGET_SR = 24000
@@ -100,6 +100,8 @@ class SynthConfig:
         self.jobs = max(1, int(self.jobs))
         self.text_sources = tuple(self.text_sources)
         texts.sentence_pool(self.text_sources)  # unknown or missing sources fail here, before any synthesis
+        if "meaning" in self.tasks:
+            texts.meaning_question(random.Random(0))  # likewise WordNet for the meaning task
         w = dict(self.task_weights or {})
         bad = [t for t in w if t not in self.tasks]
         if bad or any(not (float(v) > 0) for v in w.values()):
@@ -233,6 +235,15 @@ def make_item(task: str, k: int, seed: int, engines: list[str], out_voice: Voice
             category, key, split_text = "sentence", "", sent
         item.update(category=category, question=rng.choice(texts.SPEAK_INSTRUCTIONS).format(text=sent), answer=sent,
                     key=key, split_text=split_text, clips=[_clip("a0", "target", sent, out_voice, "target", key)])
+    elif task == "meaning":
+        # a spoken question about a common word's meaning, answered in text (its WordNet definition): general
+        # questions for `kimia train distill`, whose teacher answers them from what the LLM knows. Split by the
+        # word, so an eval word is never asked about in training.
+        qa = texts.meaning_question(rng)
+        v = _input_voice(rng, engines, k)
+        sp, pi = _varied(rng, v)
+        item.update(category=qa.category, question="", answer=qa.answer, key=qa.qkey, split_text=qa.qkey,
+                    clips=[_clip("u0", "input", qa.question, v, "spoken_qa", qa.qkey, sp, pi)])
     elif task == "sound":
         cat = ("classify", "caption")[k % 2]
         recipe = plan_sound(rng, with_speech=True)

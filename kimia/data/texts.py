@@ -175,6 +175,39 @@ def wordnet_sentences() -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
+@lru_cache(maxsize=1)
+def wordnet_meanings(min_count: int = 5) -> tuple[tuple[str, str], ...]:
+    """(noun, definition) of WordNet 3.0's common one-word nouns: those whose first sense is tagged at least
+    `min_count` times in WordNet's sense-frequency list (cntlist.rev; ~2.7k nouns at 5), with that sense's
+    definition (its gloss up to the first ';', examples dropped). Empty when wordnet-base is not installed."""
+    for d in WORDNET_DIRS:
+        root = Path(d)
+        if not all((root / f).is_file() for f in ("cntlist.rev", "index.noun", "data.noun")):
+            continue
+        common: set[str] = set()
+        for line in (root / "cntlist.rev").read_text(encoding="latin-1").splitlines():
+            key, sense, count = line.split()  # "hammer%1:06:00:: 1 12": noun (1:) sense 1, tagged 12 times
+            lemma, _, kind = key.partition("%")
+            if kind.startswith("1:") and sense == "1" and int(count) >= min_count and lemma.isalpha() \
+                    and lemma.islower():
+                common.add(lemma)
+        first: dict[str, int] = {}  # noun -> byte offset of its most frequent synset in data.noun
+        for line in (root / "index.noun").read_text(encoding="latin-1").splitlines():
+            f = line.split()
+            if not line.startswith(" ") and f and f[0] in common:
+                first[f[0]] = int(f[4 + int(f[3]) + 2])  # lemma pos synsets pointers <ptrs> senses tagged offs
+        out = []
+        with (root / "data.noun").open("rb") as fh:
+            for noun, off in sorted(first.items()):
+                fh.seek(off)
+                gloss = fh.readline().decode("latin-1").split("|", 1)[1]
+                definition = " ".join(gloss.split(";")[0].split()).strip()
+                if definition and _SENTENCE_OK.match(definition) and len(definition.split()) <= 16:
+                    out.append((noun, definition.rstrip(".")))
+        return tuple(out)
+    return ()
+
+
 class TextSource(NamedTuple):
     """A read-speech sentence pool: its loader, the Debian package that installs it, and whether a corpus that
     names it may go on without it (template sentences then fill in)."""
@@ -332,6 +365,22 @@ def spoken_question(rng: random.Random, category: str | None = None) -> QA:
         return QA(category, f"Which word comes first in the alphabet, {a} or {b}?",
                   _sentence(f"{min(a, b)} comes first."), min(a, b), qkey=f"{a} {b}")
     raise ValueError(f"unknown spoken question category {category!r}")
+
+
+MEANING_QUESTIONS = ("What does the word {w} mean?", "What is the meaning of the word {w}?",
+                     "Tell me what {w} means.", "Can you explain what {w} means?")
+
+
+def meaning_question(rng: random.Random) -> QA:
+    """A spoken question about what a common English noun means (WordNet), answered with its definition: the
+    `meaning` task, general questions whose answers the LLM trunk knows rather than the corpus' own facts."""
+    pool = wordnet_meanings()
+    if not pool:
+        raise ConfigError("the meaning task needs WordNet: install the Debian package wordnet-base "
+                          "(scripts/setup-data-system.sh)")
+    word, definition = rng.choice(pool)
+    return QA("meaning", rng.choice(MEANING_QUESTIONS).format(w=word), _sentence(f"{word} means {definition}."),
+              "", qkey=word)
 
 
 def dialogue(rng: random.Random) -> QA:
