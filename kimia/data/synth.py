@@ -237,8 +237,8 @@ def make_item(task: str, k: int, seed: int, engines: list[str], out_voice: Voice
                     key=key, split_text=split_text, clips=[_clip("a0", "target", sent, out_voice, "target", key)])
     elif task == "meaning":
         # a spoken question about a common word's meaning, answered in text (its WordNet definition): general
-        # questions for `kimia train distill`, whose teacher answers them from what the LLM knows. Split by the
-        # word, so an eval word is never asked about in training.
+        # questions with a labelled answer (rows `kimia train distill` can also re-answer). Split by the word,
+        # so an eval word is never asked about in training.
         qa = texts.meaning_question(rng)
         v = _input_voice(rng, engines, k)
         sp, pi = _varied(rng, v)

@@ -179,7 +179,8 @@ def wordnet_sentences() -> tuple[str, ...]:
 def wordnet_meanings(min_count: int = 5) -> tuple[tuple[str, str], ...]:
     """(noun, definition) of WordNet 3.0's common one-word nouns: those whose first sense is tagged at least
     `min_count` times in WordNet's sense-frequency list (cntlist.rev; ~2.7k nouns at 5), with that sense's
-    definition (its gloss up to the first ';', examples dropped). Empty when wordnet-base is not installed."""
+    definition (its gloss up to the first ';', examples dropped) when it is a plain phrase of at most 16 words
+    (~2.2k kept). Empty when wordnet-base is not installed."""
     for d in WORDNET_DIRS:
         root = Path(d)
         if not all((root / f).is_file() for f in ("cntlist.rev", "index.noun", "data.noun")):
@@ -373,7 +374,7 @@ MEANING_QUESTIONS = ("What does the word {w} mean?", "What is the meaning of the
 
 def meaning_question(rng: random.Random) -> QA:
     """A spoken question about what a common English noun means (WordNet), answered with its definition: the
-    `meaning` task, general questions whose answers the LLM trunk knows rather than the corpus' own facts."""
+    `meaning` task, general questions over a ~2.2k-word vocabulary, unlike the corpus' few dozen facts."""
     pool = wordnet_meanings()
     if not pool:
         raise ConfigError("the meaning task needs WordNet: install the Debian package wordnet-base "

@@ -11,8 +11,8 @@ sentence of the corpus, without new labels.
 Input: eval-kit manifests of a `kimia data synth` corpus; a row is used when it has one `audio_path` and its
 words in `audio_content`, and its `split` is the one asked for (default train: eval sentences stay unseen).
 The teacher is a `KimiAudio` folder answering in text, greedy, batched; `--teacher-lm` swaps in another LM
-folder (e.g. the untouched SmolLM2 of a pipeline's lm_init stage, whose text path our fine-tuning has not
-narrowed to the corpus' tasks). Each record is
+folder with the same tokenizer, trained in the Kimi-Audio prompt layout (SmolLM2 as packaged is not: see
+docs/training.md). Each record is
 `{"task": "distill", "task_type": "understanding", "index": ..., "conversation": [user audio, assistant text]}`
 with the audio path absolute: the jsonl goes straight into the lm recipe's `data.manifests`. Rows whose index
 is already in the output file are skipped and records are appended batch by batch, so an interrupted run
@@ -90,8 +90,8 @@ def distill(teacher: Any, rows: Sequence[dict[str, Any]], out: str | Path, *, ba
 def add_distill_args(p: Any) -> None:
     p.add_argument("--teacher", required=True, help="model folder whose text answers are the targets")
     p.add_argument("--teacher-lm", default=None,
-                   help="an LM folder answering in place of the teacher folder's LM (e.g. a pipeline's "
-                        "lm_init/model: SmolLM2 as packaged, no adapters)")
+                   help="an LM folder answering in place of the teacher folder's LM (same tokenizer, trained "
+                        "in the Kimi-Audio prompt layout)")
     p.add_argument("--manifests", nargs="+", required=True, help="eval-kit manifests of a kimia corpus")
     p.add_argument("--out", required=True, help="jsonl of distill conversations (appended; resumable)")
     p.add_argument("--split", default="train", help="rows of this split only ('all': every split)")
