@@ -204,9 +204,8 @@ def conversation_record(rec: dict) -> dict:
         return {"task_type": "speech2speech", "task": rec["task"],
                 "conversation": [user_text(rec["question"]),
                                  assistant_audio_text(_from_manifest_dir(clips["a0"]["path"]), clips["a0"]["text"])]}
-    if rec["task"] == "meaning":  # a spoken question, answered in text
-        return {"task_type": "understanding", "task": rec["task"],
-                "conversation": [user_audio(_from_manifest_dir(clips["u0"]["path"])), assistant_text(rec["answer"])]}
+    if rec["task"] == "meaning":
+        return _heard_and_answered_in_text(rec, rec["task"])
     return {"task_type": "understanding", "task": rec["task"],
             "conversation": [user_text(rec["question"]), user_audio(_from_manifest_dir(clips["u0"]["path"])),
                              assistant_text(rec["answer"])]}
@@ -217,10 +216,15 @@ def conversation_records(rec: dict) -> list[dict]:
     answered in text only (the `ct` layout a text-mode request uses), so both output types are trained."""
     out = [conversation_record(rec)]
     if rec["task"] == "spoken_qa":
-        clips = {c["name"]: c for c in rec["clips"]}
-        out.append({"task_type": "understanding", "task": "spoken_qa_text",
-                    "conversation": [user_audio(_from_manifest_dir(clips["u0"]["path"])), assistant_text(rec["answer"])]})
+        out.append(_heard_and_answered_in_text(rec, "spoken_qa_text"))
     return out
+
+
+def _heard_and_answered_in_text(rec: dict, task: str) -> dict:
+    """The item's spoken question (clip u0) alone as the user turn, its answer in text."""
+    u0 = next(c for c in rec["clips"] if c["name"] == "u0")
+    return {"task_type": "understanding", "task": task,
+            "conversation": [user_audio(_from_manifest_dir(u0["path"])), assistant_text(rec["answer"])]}
 
 
 def summarize(recs: list[dict], cfg, engines: list[str], missing: list[str], out_voice, stats: dict,
