@@ -370,6 +370,37 @@ def test_kept_adapters_and_frozen_groups_retrain_only_the_audio_branch(tmp_path)
         assert torch.equal(model.eval()(*args, **kw).text_logits, text0)
 
 
+def test_lora_train_only_trains_the_text_tail_adapters_and_leaves_the_audio_logits_exact(tmp_path):
+    """lora.train_only over the text tail's layers (after the fork) with every other group frozen: only those
+    adapters change, so the audio branch (which reads the fork layer) gives exactly the logits it gave."""
+    cfg = tiny_cfg(tmp_path, "train.steps=3", "lora.enabled=true", "lora.r=4", "lora.freeze_base=false",
+                   "freeze=[embeddings,trunk,text_tail,adaptor,audio_branch]", "freeze_embedding_rows_below=0",
+                   "lora.targets=['*.self_attn.q_proj','*.mlp.down_proj']", "lora.train_only=['model.layers.[23].*']")
+    recipe = LMRecipe(cfg)
+    trainer = Trainer(recipe, cfg.train, cfg.optim, full_config=cfg)
+    model = trainer.raw_model
+    assert model.config.kimia_mimo_transformer_from_layer_index == 1  # layers 2, 3: the text tail
+    batch = recipe.collate([trainer.data[0], trainer.data[1]])
+    args, kw = (batch.audio_ids, batch.text_ids, batch.positions), dict(continuous=batch.continuous,
+                                                                       continuous_mask=batch.continuous_mask)
+    before = params(model)
+    with torch.no_grad():
+        out0 = model.eval()(*args, **kw)
+    trainer.fit()
+    changed = {n for n, p in params(model).items() if not torch.equal(before[n], p)}
+    assert changed and all(n.startswith(("model.layers.2.", "model.layers.3.")) and "lora_" in n for n in changed)
+    with torch.no_grad():
+        out1 = model.eval()(*args, **kw)
+    assert torch.equal(out1.audio_logits, out0.audio_logits)
+    assert not torch.equal(out1.text_logits, out0.text_logits)
+
+
+def test_lora_train_only_matching_no_adapter_is_a_config_error(tmp_path):
+    cfg = tiny_cfg(tmp_path, "lora.enabled=true", "lora.train_only=['model.layers.99.*']")
+    with pytest.raises(ConfigError, match="train_only"):
+        LMRecipe(cfg).build_model(torch.device("cpu"))
+
+
 def test_lora_without_freeze_base_keeps_other_params_trainable():
     from kimia.lm.config import AudioLMConfig
     from kimia.lm.model import AudioLM

@@ -67,6 +67,9 @@ class LoRASpec:
     init: str | None = None
     train: bool = True  # False: the adapters (fresh or `init`'s) stay as they are, e.g. to retrain only the audio
     # branch on an earlier model's trunk (with `freeze` of every other group): its text answers stay the same
+    # glob patterns over adapter tensor names (e.g. "model.layers.2[4-9].*"): only the matching adapters train,
+    # the others stay as they are (e.g. the text tail's, which the audio branch never reads); empty: all of them
+    train_only: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -209,9 +212,12 @@ class LMRecipe(Recipe):
             self._scales = lora_scales(model)
             if lora.init:
                 load_lora_factors(model, lora.init)
-            if not lora.train:
-                for n in lora_state_dict(model):
-                    model.get_parameter(n).requires_grad_(False)
+            chosen = lambda n: not lora.train_only or any(fnmatch.fnmatchcase(n, p) for p in lora.train_only)  # noqa: E731
+            kept = [n for n in lora_state_dict(model) if not lora.train or not chosen(n)]
+            if lora.train and lora.train_only and len(kept) == len(lora_state_dict(model)):
+                raise ConfigError(f"lora.train_only {lora.train_only} matches no adapter (e.g. {kept[0]})")
+            for n in kept:
+                model.get_parameter(n).requires_grad_(False)
         if self.cfg.freeze_embedding_rows_below > 0:
             w = model.model.embed_tokens.weight
             if w.requires_grad:

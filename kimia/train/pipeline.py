@@ -97,7 +97,7 @@ ADDED_OFF: dict[str, dict[str, tuple[dict[str, Any], tuple[str, ...]]]] = {
     "dit": {"data": ({"token_noise": 0.0}, ("token_noise_neighbours",))},
     "corpus": {"": ({"text_sources": ["fortune"]}, ())},
     "eval": {"": ({"baseline": None}, ())},
-    "lm": {"lora": ({"train": True}, ())},
+    "lm": {"lora": ({"train": True, "train_only": []}, ())},
     "tokenize": {"": ({"extra": []}, ())},
 }
 # the shipped model's floors (issue 6) shown beside each figure of the model card: (lower is better, bound)
@@ -291,11 +291,16 @@ def _fingerprint(obj: Any) -> str:
 
 
 def _without_added_off(stage: str, d: dict[str, Any]) -> dict[str, Any]:
-    """`d` without the options of `ADDED_OFF` that are off: a stage run before they existed keeps its fingerprint."""
+    """`d` without the options of `ADDED_OFF` that are off (each on its own; the dependent keys once all of the
+    section's are off): a stage run before they existed keeps its fingerprint."""
     for section, (off, dependent) in ADDED_OFF.get(stage, {}).items():
         sec = d.get(section, {}) if section else d
-        if all(sec.get(k) == v for k, v in off.items()):
-            for k in (*off, *dependent):
+        all_off = all(sec.get(k) == v for k, v in off.items())
+        for k, v in off.items():
+            if sec.get(k) == v:
+                sec.pop(k, None)
+        if all_off:
+            for k in dependent:
                 sec.pop(k, None)
     return d
 
