@@ -212,8 +212,9 @@ class LMRecipe(Recipe):
             self._scales = lora_scales(model)
             if lora.init:
                 load_lora_factors(model, lora.init)
-            chosen = lambda n: not lora.train_only or any(fnmatch.fnmatchcase(n, p) for p in lora.train_only)  # noqa: E731
-            kept = [n for n in lora_state_dict(model) if not lora.train or not chosen(n)]
+            only = lora.train_only
+            kept = [n for n in lora_state_dict(model)
+                    if not lora.train or (only and not any(fnmatch.fnmatchcase(n, p) for p in only))]
             if lora.train and lora.train_only and len(kept) == len(lora_state_dict(model)):
                 raise ConfigError(f"lora.train_only {lora.train_only} matches no adapter (e.g. {kept[0]})")
             for n in kept:
