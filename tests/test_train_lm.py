@@ -343,6 +343,13 @@ def test_truncation_never_cuts_an_audio_span():
     assert truncate_prompt(pb, len(pb)) is pb
 
 
+def probe_inputs(recipe, trainer) -> tuple[tuple, dict]:
+    """The forward arguments of a batch of the trainer's first two examples (to compare logits before / after)."""
+    batch = recipe.collate([trainer.data[0], trainer.data[1]])
+    return (batch.audio_ids, batch.text_ids, batch.positions), dict(continuous=batch.continuous,
+                                                                   continuous_mask=batch.continuous_mask)
+
+
 def test_kept_adapters_and_frozen_groups_retrain_only_the_audio_branch(tmp_path):
     """lora.train=false with every other group frozen: the audio branch alone learns and the text path (its
     logits) is exactly what it was, adapters included."""
@@ -356,9 +363,7 @@ def test_kept_adapters_and_frozen_groups_retrain_only_the_audio_branch(tmp_path)
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):
                 p.normal_(0, 0.05)
-    batch = recipe.collate([trainer.data[0], trainer.data[1]])
-    args, kw = (batch.audio_ids, batch.text_ids, batch.positions), dict(continuous=batch.continuous,
-                                                                       continuous_mask=batch.continuous_mask)
+    args, kw = probe_inputs(recipe, trainer)
     before = params(model)
     with torch.no_grad():
         text0 = model.eval()(*args, **kw).text_logits
@@ -380,9 +385,7 @@ def test_lora_train_only_trains_the_text_tail_adapters_and_leaves_the_audio_logi
     trainer = Trainer(recipe, cfg.train, cfg.optim, full_config=cfg)
     model = trainer.raw_model
     assert model.config.kimia_mimo_transformer_from_layer_index == 1  # layers 2, 3: the text tail
-    batch = recipe.collate([trainer.data[0], trainer.data[1]])
-    args, kw = (batch.audio_ids, batch.text_ids, batch.positions), dict(continuous=batch.continuous,
-                                                                       continuous_mask=batch.continuous_mask)
+    args, kw = probe_inputs(recipe, trainer)
     before = params(model)
     with torch.no_grad():
         out0 = model.eval()(*args, **kw)

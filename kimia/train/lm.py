@@ -212,11 +212,10 @@ class LMRecipe(Recipe):
             self._scales = lora_scales(model)
             if lora.init:
                 load_lora_factors(model, lora.init)
-            only = lora.train_only
-            kept = [n for n in lora_state_dict(model)
-                    if not lora.train or (only and not any(fnmatch.fnmatchcase(n, p) for p in only))]
-            if lora.train and lora.train_only and len(kept) == len(lora_state_dict(model)):
-                raise ConfigError(f"lora.train_only {lora.train_only} matches no adapter (e.g. {kept[0]})")
+            names, only = list(lora_state_dict(model)), lora.train_only
+            kept = [n for n in names if not lora.train or (only and not any(fnmatch.fnmatchcase(n, p) for p in only))]
+            if lora.train and only and len(kept) == len(names):
+                raise ConfigError(f"lora.train_only {only} matches no adapter (e.g. {names[0]})")
             for n in kept:
                 model.get_parameter(n).requires_grad_(False)
         if self.cfg.freeze_embedding_rows_below > 0:

@@ -295,13 +295,9 @@ def _without_added_off(stage: str, d: dict[str, Any]) -> dict[str, Any]:
     section's are off): a stage run before they existed keeps its fingerprint."""
     for section, (off, dependent) in ADDED_OFF.get(stage, {}).items():
         sec = d.get(section, {}) if section else d
-        all_off = all(sec.get(k) == v for k, v in off.items())
-        for k, v in off.items():
-            if sec.get(k) == v:
-                sec.pop(k, None)
-        if all_off:
-            for k in dependent:
-                sec.pop(k, None)
+        offs = [k for k, v in off.items() if sec.get(k) == v]
+        for k in offs + (list(dependent) if len(offs) == len(off) else []):
+            sec.pop(k, None)
     return d
 
 
